@@ -1,0 +1,106 @@
+"""Grids: how a group of weights maps to integers.
+
+A grid fits per-group parameters (scale, zero point or minimum) and rounds weights to integer
+codes on them. A *method* (round-to-nearest, later GPTQ/AWQ) decides which codes to use; the grid
+only says what codes mean. All functions work on tensors shaped ``(..., group)``: the leading
+dimensions are independent groups, so one call handles a whole weight matrix.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+PER_TENSOR = 0
+PER_CHANNEL = -1
+
+
+@dataclass
+class QuantParams:
+    """Per-group parameters, each shaped ``(..., 1)`` to broadcast over a group.
+
+    Decoding is ``(code - zero) * scale`` or, when ``minimum`` is set, ``code * scale + minimum``.
+    ``inv_scale``, when set, is the reciprocal a grid rounds with: ggml's quantizers divide by the
+    fp32 scale although they store it as fp16, and bit-exact output has to do the same.
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+    minimum: torch.Tensor | None = None
+    inv_scale: torch.Tensor | None = None
+
+    def map(self, fn) -> QuantParams:
+        fields = (self.scale, self.zero, self.minimum, self.inv_scale)
+        return QuantParams(*(None if t is None else fn(t) for t in fields))
+
+
+class Grid(ABC):
+    """A quantization grid. ``group_size`` counts consecutive weights along a row (input dim)."""
+
+    name: str
+    bits: int
+    group_size: int
+
+    @abstractmethod
+    def fit(self, w: torch.Tensor) -> QuantParams:
+        """Parameters for each group of ``w`` (shape ``(..., group)``)."""
+
+    @abstractmethod
+    def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        """Integer codes (int32) of ``w`` on the fitted parameters."""
+
+    def decode(self, codes: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        q = codes.float()
+        if params.minimum is not None:
+            return q * params.scale + params.minimum
+        zero = params.zero if params.zero is not None else 0.0
+        return (q - zero) * params.scale
+
+    def group_for(self, row_length: int) -> int:
+        """The number of weights per group for rows of ``row_length`` (per-tensor counts as rows)."""
+        if self.group_size in (PER_TENSOR, PER_CHANNEL):
+            return row_length
+        return self.group_size
+
+    def check_shape(self, name: str, shape: tuple[int, ...]) -> str | None:
+        """A reason this grid cannot quantize a tensor of ``shape``, or None."""
+        if len(shape) != 2:
+            return f"{name} is not a matrix"
+        if self.group_size > 0 and shape[1] % self.group_size:
+            return f"group size {self.group_size} does not divide the row length {shape[1]} of {name}"
+        return None
+
+    def bits_per_weight(self) -> float:
+        """Storage cost including per-group parameters (fp16 scale and zero/min)."""
+        if self.group_size <= 0:
+            return float(self.bits)
+        return self.bits + 32 / self.group_size
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized matrix: codes ``(rows, cols)`` and parameters ``(rows, cols // group, 1)``."""
+
+    codes: torch.Tensor
+    params: QuantParams
+    grid: Grid
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def grouped_codes(self) -> torch.Tensor:
+        rows, cols = self.codes.shape
+        n_groups = self.params.scale.shape[-2]
+        return self.codes.view(rows, n_groups, cols // n_groups)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.grid.decode(self.grouped_codes(), self.params).reshape(self.codes.shape)
+
+    def permute_rows(self, order: torch.Tensor) -> QuantizedWeight:
+        """The same weight with its output rows reordered (e.g. llama.cpp's rope layout)."""
+        if self.params.scale.shape[0] == 1:  # per-tensor parameters apply to every row
+            return QuantizedWeight(self.codes[order], self.params, self.grid)
+        return QuantizedWeight(self.codes[order], self.params.map(lambda t: t[order]), self.grid)

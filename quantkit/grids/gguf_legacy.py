@@ -1,0 +1,188 @@
+"""GGUF's legacy block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) as grids, plus their byte layouts.
+
+Each grid rounds exactly as ggml's reference quantizer does (fp32 arithmetic, the unrounded fp32
+scale for rounding, the fp16 scale stored), so round-to-nearest on these grids reproduces
+llama.cpp's files byte for byte. Blocks are 32 consecutive weights of a row.
+
+Block layouts (little endian):
+  Q8_0: d:f16, qs:int8[32]
+  Q4_0: d:f16, qs:u8[16]                nibble j = code[j], high nibble = code[j + 16]
+  Q4_1: d:f16, m:f16, qs:u8[16]
+  Q5_0: d:f16, qh:u32, qs:u8[16]        qh bit j = bit 4 of code[j]
+  Q5_1: d:f16, m:f16, qh:u32, qs:u8[16]
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from quantkit.grids.base import Grid, QuantizedWeight, QuantParams
+
+BLOCK = 32
+
+
+def _fp16_round(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _safe_reciprocal(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+
+
+def _signed_absmax(w: torch.Tensor) -> torch.Tensor:
+    """The value with the largest magnitude in each group, sign kept (first one on ties, as ggml)."""
+    index = w.abs().argmax(dim=-1, keepdim=True)
+    return torch.gather(w, -1, index)
+
+
+@dataclass(frozen=True)
+class GGUFBlockGrid(Grid):
+    """Common parts of the legacy types; subclasses define fit/encode and the byte layout."""
+
+    name: str = ""
+    bits: int = 4
+    group_size: int = BLOCK
+    block_bytes: int = 18
+
+    def bits_per_weight(self) -> float:
+        return self.block_bytes * 8 / BLOCK
+
+    def check_shape(self, name: str, shape: tuple[int, ...]) -> str | None:
+        if len(shape) != 2:
+            return f"{name} is not a matrix"
+        if shape[1] % BLOCK:
+            return f"{self.name} needs rows that are a multiple of {BLOCK}; {name} has rows of {shape[1]}"
+        return None
+
+    @abstractmethod
+    def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
+        """Rows of raw ggml blocks, shape ``(rows, row_bytes)`` uint8."""
+
+
+def _halves(codes: torch.Tensor) -> np.ndarray:
+    """Pack 32 codes into 16 bytes: low nibble code[j], high nibble code[j + 16]."""
+    c = codes.numpy().astype(np.uint8)
+    return (c[..., :16] & 0x0F) | ((c[..., 16:] & 0x0F) << 4)
+
+
+def _high_bits(codes: torch.Tensor) -> np.ndarray:
+    """Bit 4 of each of the 32 codes, as one little-endian uint32 per block."""
+    c = codes.numpy().astype(np.uint32)
+    bits = ((c >> 4) & 1) << np.arange(32, dtype=np.uint32)
+    return np.bitwise_or.reduce(bits, axis=-1).astype("<u4")
+
+
+def _f16(t: torch.Tensor) -> np.ndarray:
+    return t.squeeze(-1).numpy().astype("<f2")
+
+
+def _assemble(parts: list[np.ndarray], rows: int) -> np.ndarray:
+    """Concatenate per-block fields (each (rows, n_blocks, k) bytes) into rows of raw bytes."""
+    raw = [p.view(np.uint8).reshape(*p.shape[:2], -1) for p in parts]
+    return np.concatenate(raw, axis=-1).reshape(rows, -1)
+
+
+@dataclass(frozen=True)
+class Q8_0(GGUFBlockGrid):
+    name: str = "Q8_0"
+    bits: int = 8
+    block_bytes: int = 34
+
+    def fit(self, w: torch.Tensor) -> QuantParams:
+        d = w.abs().amax(dim=-1, keepdim=True) / 127
+        return QuantParams(scale=_fp16_round(d), zero=torch.zeros_like(d), inv_scale=_safe_reciprocal(d))
+
+    def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        x = (w * _inv(params)).double()  # product in fp32 as in C, then roundf (half away from zero)
+        return (torch.sign(x) * torch.floor(x.abs() + 0.5)).clamp(-128, 127).to(torch.int32)
+
+    def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
+        codes = qw.grouped_codes()
+        return _assemble([_f16(qw.params.scale), codes.numpy().astype(np.int8)], codes.shape[0])
+
+
+def _inv(params: QuantParams) -> torch.Tensor:
+    return params.inv_scale if params.inv_scale is not None else _safe_reciprocal(params.scale)
+
+
+@dataclass(frozen=True)
+class _SymmetricBlock(GGUFBlockGrid):
+    """Q4_0 / Q5_0: d = signed absmax / -2^(b-1), code = min(2^b - 1, trunc(w / d + 2^(b-1) + 0.5))."""
+
+    def fit(self, w: torch.Tensor) -> QuantParams:
+        half = 2 ** (self.bits - 1)
+        d = _signed_absmax(w) / -half
+        return QuantParams(scale=_fp16_round(d), zero=torch.full_like(d, half), inv_scale=_safe_reciprocal(d))
+
+    def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        offset = 2 ** (self.bits - 1) + 0.5
+        x = w * _inv(params) + offset
+        return torch.trunc(x).clamp(0, 2**self.bits - 1).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class _MinBlock(GGUFBlockGrid):
+    """Q4_1 / Q5_1: d = (max - min) / (2^b - 1), m = min, code = min(2^b - 1, trunc((w - m) / d + 0.5))."""
+
+    def fit(self, w: torch.Tensor) -> QuantParams:
+        lo = w.amin(dim=-1, keepdim=True)
+        d = (w.amax(dim=-1, keepdim=True) - lo) / (2**self.bits - 1)
+        return QuantParams(scale=_fp16_round(d), minimum=_fp16_round(lo), inv_scale=_safe_reciprocal(d),
+                           zero=lo)  # zero carries the fp32 minimum the codes are rounded against
+
+    def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        x = (w - params.zero) * _inv(params) + 0.5
+        return torch.trunc(x).clamp(0, 2**self.bits - 1).to(torch.int32)
+
+    def decode(self, codes: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        return codes.float() * params.scale + params.minimum
+
+
+@dataclass(frozen=True)
+class Q4_0(_SymmetricBlock):
+    name: str = "Q4_0"
+    bits: int = 4
+    block_bytes: int = 18
+
+    def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
+        codes = qw.grouped_codes()
+        return _assemble([_f16(qw.params.scale), _halves(codes)], codes.shape[0])
+
+
+@dataclass(frozen=True)
+class Q5_0(_SymmetricBlock):
+    name: str = "Q5_0"
+    bits: int = 5
+    block_bytes: int = 22
+
+    def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
+        codes = qw.grouped_codes()
+        return _assemble([_f16(qw.params.scale), _high_bits(codes), _halves(codes)], codes.shape[0])
+
+
+@dataclass(frozen=True)
+class Q4_1(_MinBlock):
+    name: str = "Q4_1"
+    bits: int = 4
+    block_bytes: int = 20
+
+    def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
+        codes = qw.grouped_codes()
+        parts = [_f16(qw.params.scale), _f16(qw.params.minimum), _halves(codes)]
+        return _assemble(parts, codes.shape[0])
+
+
+@dataclass(frozen=True)
+class Q5_1(_MinBlock):
+    name: str = "Q5_1"
+    bits: int = 5
+    block_bytes: int = 24
+
+    def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
+        codes = qw.grouped_codes()
+        parts = [_f16(qw.params.scale), _f16(qw.params.minimum), _high_bits(codes), _halves(codes)]
+        return _assemble(parts, codes.shape[0])

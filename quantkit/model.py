@@ -1,0 +1,208 @@
+"""Local Hugging Face checkpoint folders, read lazily.
+
+``ModelSource`` validates a folder (config, architecture, safetensors headers and sizes) without
+reading any weights; tensors are then read one at a time, so a quantization pass holds at most
+one block in full precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from quantkit.arch import ARCHITECTURES, Architecture, supported_names
+from quantkit.errors import QuantkitError
+
+# Everything works from local paths: never let transformers reach for the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DEFAULT_MODEL = "default"
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def default_model_dir() -> Path:
+    return Path(str(resources.files("quantkit") / "assets" / "default_model"))
+
+
+def _read_safetensors_header(path: Path) -> dict:
+    """Parse and check a safetensors header; a truncated or corrupt file is a QuantkitError."""
+    fix = "re-download or re-save the checkpoint"
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise QuantkitError(f"{path} is truncated (no safetensors header); {fix}")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > size - 8:
+            raise QuantkitError(f"{path} is corrupt or truncated (header length {header_len} > file size); {fix}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise QuantkitError(f"{path} has a corrupt safetensors header; {fix}") from None
+    header.pop("__metadata__", None)
+    data_len = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if 8 + header_len + data_len > size:
+        raise QuantkitError(
+            f"{path} is truncated: its header needs {8 + header_len + data_len} bytes, the file has {size}; {fix}"
+        )
+    return header
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class ModelSource:
+    """A validated checkpoint folder whose tensors are read on demand."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.is_default = path in (None, DEFAULT_MODEL)
+        self.path = default_model_dir() if self.is_default else Path(path)
+        self.config = self._read_config()
+        self.arch = self._resolve_architecture()
+        self.tensors = self._index_tensors()
+
+    # ---- validation -------------------------------------------------------------------------
+    def _read_config(self) -> dict:
+        if not self.path.exists():
+            raise QuantkitError(f"model folder {self.path} does not exist; pass a local Hugging Face checkpoint folder")
+        if not self.path.is_dir():
+            raise QuantkitError(f"model path {self.path} is not a folder; pass the checkpoint folder, not a file")
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise QuantkitError(f"{self.path} has no config.json; it is not a Hugging Face checkpoint folder")
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise QuantkitError(f"{config_path} is not valid JSON ({exc}); fix or re-save the config") from None
+        if not isinstance(config, dict):
+            raise QuantkitError(f"{config_path} is not a JSON object; fix or re-save the config")
+        return config
+
+    def _resolve_architecture(self) -> Architecture:
+        names = self.config.get("architectures") or []
+        for name in names:
+            if name in ARCHITECTURES:
+                return ARCHITECTURES[name]
+        found = ", ".join(names) if names else "none listed in config.json 'architectures'"
+        raise QuantkitError(f"unsupported architecture ({found}); supported: {supported_names()}")
+
+    def _weight_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise QuantkitError(f"{index} is not a valid safetensors index; re-save the checkpoint") from None
+            files = sorted({self.path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise QuantkitError(f"shards listed in {index.name} are missing: {', '.join(missing)}; copy them in")
+            return files
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            return [single]
+        if list(self.path.glob("*.bin")):
+            raise QuantkitError(
+                f"{self.path} has only PyTorch .bin weights; re-save with safe_serialization=True (safetensors)"
+            )
+        raise QuantkitError(f"{self.path} has no model.safetensors or model.safetensors.index.json")
+
+    def _index_tensors(self) -> dict[str, TensorInfo]:
+        tensors = {}
+        for file in self._weight_files():
+            for name, info in _read_safetensors_header(file).items():
+                tensors[name] = TensorInfo(name, file, info["dtype"], tuple(info["shape"]))
+        if self.arch.embedding not in tensors:
+            raise QuantkitError(f"{self.path} lacks {self.arch.embedding}; the checkpoint is incomplete")
+        return tensors
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return self.arch.lm_head not in self.tensors
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @cached_property
+    def weight_files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
+
+    def weight_sha256(self) -> dict[str, str]:
+        out = {}
+        for file in self.weight_files:
+            h = hashlib.sha256()
+            with file.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            out[file.name] = h.hexdigest()
+        return out
+
+    # ---- tensors ----------------------------------------------------------------------------
+    def load(self, name: str) -> torch.Tensor:
+        """Read one tensor (float32 for floating types) and reject NaN/Inf."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise QuantkitError(f"tensor {name} is missing from {self.path}; the checkpoint is incomplete")
+        try:
+            with safe_open(info.file, framework="pt") as f:
+                tensor = f.get_tensor(name)
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise QuantkitError(f"cannot read {name} from {info.file} ({exc}); re-save the checkpoint") from None
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+            if not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise QuantkitError(
+                    f"tensor {name} holds {bad} NaN/Inf values; the checkpoint is broken, fix or retrain it"
+                )
+        return tensor
+
+    def check_finite(self) -> None:
+        """Read every tensor once so a NaN/Inf fails before any output is produced."""
+        for name in self.tensors:
+            self.load(name)
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.path)
+        except Exception as exc:
+            raise QuantkitError(f"cannot load the tokenizer in {self.path} ({exc}); add tokenizer.json") from None
+
+    def hf_model(self, dtype: torch.dtype = torch.float32):
+        """The whole unquantized model in transformers (used for reference logits)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype)
+        model.eval()
+        return model

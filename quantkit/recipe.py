@@ -1,0 +1,79 @@
+"""The resolved recipe of a run: what to quantize, how, and how to check it."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+
+from quantkit.errors import QuantkitError
+from quantkit.grids import PER_CHANNEL, PER_TENSOR, IntGrid
+from quantkit.methods import METHODS
+from quantkit.model import ModelSource
+
+
+@dataclass
+class Recipe:
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 128  # -1 per channel, 0 per tensor
+    scheme: str = "sym"  # sym = absmax, asym = zero-point
+    quantize_embeddings: bool = False
+    quantize_lm_head: bool = False
+    exclude: list[str] = field(default_factory=list)  # glob patterns of tensor names kept unquantized
+    calib: str = "builtin"
+    calib_samples: int = 32
+    eval: str = "builtin"
+    eval_samples: int = 16
+    seq_len: int = 512
+    max_ppl_increase_pct: float | None = None
+    max_kld: float | None = None
+    min_top1: float | None = None
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise QuantkitError(f"unknown method {self.method!r}; choose one of: {', '.join(sorted(METHODS))}")
+        if not 2 <= self.bits <= 8:
+            raise QuantkitError(f"--bits {self.bits} is out of range; use 2 to 8")
+        if self.scheme not in ("sym", "asym"):
+            raise QuantkitError(f"--scheme {self.scheme!r} is unknown; use sym (absmax) or asym (zero-point)")
+        if self.group_size < PER_CHANNEL:
+            raise QuantkitError(f"--group-size {self.group_size} is invalid; use a positive size, -1 or 0")
+        if self.seq_len < 2 or self.calib_samples < 1 or self.eval_samples < 1:
+            raise QuantkitError("--seq-len must be >= 2 and sample counts >= 1")
+
+    def int_grid(self) -> IntGrid:
+        return IntGrid(bits=self.bits, group_size=self.group_size, symmetric=self.scheme == "sym")
+
+    def gate_overrides(self) -> dict[str, float | None]:
+        return {"max_ppl_increase_pct": self.max_ppl_increase_pct, "max_kld": self.max_kld,
+                "min_top1": self.min_top1}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def quantized_tensor_names(source: ModelSource, recipe: Recipe) -> list[str]:
+    """Tensors the recipe quantizes: block linears by default, embeddings/lm_head on request."""
+    names = [n for i in range(source.n_layers) for n in source.arch.linear_weights(i)]
+    if recipe.quantize_embeddings:
+        names.append(source.arch.embedding)
+    if recipe.quantize_lm_head and not source.tied_embeddings:
+        names.append(source.arch.lm_head)
+    kept = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in recipe.exclude)]
+    missing = [n for n in kept if n not in source.tensors]
+    if missing:
+        raise QuantkitError(f"{source.path} lacks {missing[0]} (and {len(missing) - 1} more); the checkpoint is "
+                            "incomplete or its layout does not match its declared architecture")
+    return kept
+
+
+def check_grid_fits(source: ModelSource, names: list[str], grid, what: str) -> None:
+    """Fail before any work if ``grid`` cannot hold one of the tensors."""
+    for name in names:
+        reason = grid.check_shape(name, source.tensors[name].shape)
+        if reason:
+            hint = "choose a group size that divides every row" if grid.group_size > 0 else "exclude it"
+            raise QuantkitError(f"{what}: {reason}; {hint} (or --exclude '{name}')")
+
+
+__all__ = ["PER_CHANNEL", "PER_TENSOR", "Recipe", "check_grid_fits", "quantized_tensor_names"]

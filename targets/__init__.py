@@ -1,0 +1,20 @@
+"""Target registry: one module per artifact format."""
+
+from __future__ import annotations
+
+from quantkit.errors import QuantkitError
+from quantkit.targets.base import ExportContext, Target
+from quantkit.targets.gguf import GGUFTarget
+
+TARGETS: dict[str, type[Target]] = {GGUFTarget.kind: GGUFTarget}
+
+
+def parse_target(spec: str) -> Target:
+    """``kind[:option]``, e.g. ``gguf:Q4_0``."""
+    kind, _, option = spec.strip().partition(":")
+    if kind not in TARGETS:
+        raise QuantkitError(f"unknown target {kind!r} in {spec!r}; available: {', '.join(sorted(TARGETS))}")
+    return TARGETS[kind](option or None)
+
+
+__all__ = ["TARGETS", "ExportContext", "Target", "parse_target"]

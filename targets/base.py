@@ -1,0 +1,67 @@
+"""What every artifact target provides: a grid, an exporter, and logits from its own runtime."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantkit.grids import Grid, QuantizedWeight
+from quantkit.model import ModelSource
+from quantkit.recipe import Recipe
+
+
+@dataclass
+class ExportContext:
+    source: ModelSource
+    recipe: Recipe
+    quantized_names: list[str]
+    # Returns the recipe's method applied to one tensor on one grid (cached across targets).
+    quantize: Callable[[str, Grid], QuantizedWeight]
+    progress: bool = True
+
+
+class Target(ABC):
+    kind: str
+
+    def __init__(self, option: str | None):
+        self.option = option
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.option}" if self.option else self.kind
+
+    @abstractmethod
+    def grid(self, recipe: Recipe) -> Grid | None:
+        """The grid this artifact stores quantized weights on (None: nothing quantized)."""
+
+    @abstractmethod
+    def bits_per_weight(self, recipe: Recipe) -> float:
+        """Nominal bits per quantized weight, used to pick the default accuracy gate."""
+
+    @abstractmethod
+    def filename(self) -> str:
+        """File or folder name of the artifact inside the output folder."""
+
+    def validate(self, ctx: ExportContext) -> None:
+        """Reject impossible combinations before any work starts."""
+
+    @abstractmethod
+    def export(self, ctx: ExportContext, path: Path) -> None:
+        """Write the artifact to ``path``."""
+
+    @abstractmethod
+    def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:
+        """Logits of each row of ``ids``, computed by the artifact's own runtime."""
+
+    @abstractmethod
+    def runtime(self) -> dict:
+        """Name and version of the runtime that checks this artifact."""
+
+    def verify_tokenizer(self, path: Path, tokenizer, texts: list[str]) -> dict | None:
+        """Compare the runtime's tokenization with the Hugging Face tokenizer's, if it has one."""
+        return None

@@ -1,0 +1,281 @@
+"""GGUF files for llama.cpp: export and evaluation in llama.cpp itself (llama-cpp-python).
+
+The file is written in one streaming pass: tensor infos first (types and sizes are known from
+the shapes), then each tensor is read, quantized and written before the next is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from quantkit.errors import QuantkitError
+from quantkit.grids import GGUF_GRIDS, GGUFBlockGrid, Grid
+from quantkit.model import ModelSource
+from quantkit.recipe import Recipe, check_grid_fits
+from quantkit.targets.base import ExportContext, Target
+from quantkit.targets.gguf_vocab import read_vocab
+
+GGMLType = gguf.GGMLQuantizationType
+FLOAT_TYPES = {"F32": GGMLType.F32, "F16": GGMLType.F16, "BF16": GGMLType.BF16}
+FLOAT_BITS = {"F32": 32.0, "F16": 16.0, "BF16": 16.0}
+# llama.cpp's general.file_type ("ftype") for files whose quantized tensors are all of one type.
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
+SUPPORTED_TYPES = tuple(FILE_TYPES)
+
+
+@dataclass
+class PlannedTensor:
+    gguf_name: str
+    hf_name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLType
+    grid: GGUFBlockGrid | None
+    rope_heads: int | None = None  # rows are permuted for llama.cpp's rope layout with this many heads
+
+    def nbytes(self) -> int:
+        block, type_size = gguf.GGML_QUANT_SIZES[self.ggml_type]
+        return int(np.prod(self.shape)) // block * type_size
+
+
+def rope_row_order(rows: int, n_heads: int) -> torch.Tensor:
+    """Row order that turns HF's half-split rope layout into ggml's interleaved pairs, per head."""
+    head_dim = rows // n_heads
+    return torch.arange(rows).reshape(n_heads, 2, head_dim // 2).transpose(1, 2).reshape(-1)
+
+
+def _hparam(config: dict, key: str, default=None):
+    value = config.get(key, default)
+    if value is None:
+        raise QuantkitError(f"config.json lacks {key!r}; GGUF export needs it")
+    return value
+
+
+def _rope_theta(config: dict) -> float:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", None):
+        raise QuantkitError(f"rope type {kind!r} is not supported by the GGUF target yet; only default rope is")
+    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+class GGUFTarget(Target):
+    kind = "gguf"
+
+    def __init__(self, option: str | None):
+        option = (option or "Q8_0").upper()
+        if option not in SUPPORTED_TYPES:
+            raise QuantkitError(f"unknown GGUF type {option!r}; supported: {', '.join(SUPPORTED_TYPES)}")
+        super().__init__(option)
+
+    @property
+    def type_name(self) -> str:
+        return self.option
+
+    def grid(self, recipe: Recipe) -> Grid | None:
+        return GGUF_GRIDS.get(self.type_name)
+
+    def bits_per_weight(self, recipe: Recipe) -> float:
+        grid = self.grid(recipe)
+        return grid.bits_per_weight() if grid else FLOAT_BITS[self.type_name]
+
+    def filename(self) -> str:
+        return f"model-{self.type_name}.gguf"
+
+    def runtime(self) -> dict:
+        try:
+            import llama_cpp
+        except ImportError:
+            return {"name": "llama.cpp (llama-cpp-python)", "version": None}
+        return {"name": "llama.cpp (llama-cpp-python)", "version": llama_cpp.__version__}
+
+    # ---- planning -------------------------------------------------------------------------------
+    def plan(self, source: ModelSource, quantized: set[str]) -> list[PlannedTensor]:
+        arch, cfg = source.arch, source.config
+        n_head = _hparam(cfg, "num_attention_heads")
+        n_kv = cfg.get("num_key_value_heads") or n_head
+        grid = GGUF_GRIDS.get(self.type_name)
+        float_type = FLOAT_TYPES.get(self.type_name, GGMLType.F16)
+
+        def entry(hf: str, name: str, rope_heads: int | None = None) -> PlannedTensor:
+            shape = source.tensors[hf].shape
+            if len(shape) == 1:  # norms and biases stay F32, as llama.cpp expects
+                return PlannedTensor(name, hf, shape, GGMLType.F32, None)
+            if grid is not None and hf in quantized:
+                return PlannedTensor(name, hf, shape, GGMLType[grid.name], grid, rope_heads)
+            return PlannedTensor(name, hf, shape, float_type, None, rope_heads)
+
+        plan = [entry(arch.embedding, "token_embd.weight")]
+        for i in range(source.n_layers):
+            prefix = arch.block(i)
+            for hf_rel, gguf_rel in arch.gguf_block_names.items():
+                heads = None
+                if arch.rope_permute and hf_rel.endswith("q_proj"):
+                    heads = n_head
+                elif arch.rope_permute and hf_rel.endswith("k_proj"):
+                    heads = n_kv
+                plan.append(entry(f"{prefix}{hf_rel}.weight", f"blk.{i}.{gguf_rel}.weight", heads))
+                if hf_rel in arch.biased_linears:
+                    plan.append(entry(f"{prefix}{hf_rel}.bias", f"blk.{i}.{gguf_rel}.bias", heads))
+        plan.append(entry(arch.final_norm, "output_norm.weight"))
+        if not source.tied_embeddings:
+            plan.append(entry(arch.lm_head, "output.weight"))
+        return plan
+
+    def validate(self, ctx: ExportContext) -> None:
+        grid = GGUF_GRIDS.get(self.type_name)
+        if grid is not None:
+            check_grid_fits(ctx.source, ctx.quantized_names, grid, f"gguf:{self.type_name}")
+        _rope_theta(ctx.source.config)
+        read_vocab(ctx.source.path, _tokenizer_config(ctx.source.path))
+
+    # ---- export ---------------------------------------------------------------------------------
+    def export(self, ctx: ExportContext, path: Path) -> None:
+        source = ctx.source
+        plan = self.plan(source, set(ctx.quantized_names))
+        writer = gguf.GGUFWriter(str(path), arch=source.arch.gguf_arch)
+        self._write_metadata(writer, source)
+        for t in plan:
+            if t.ggml_type in (GGMLType.F32, GGMLType.F16):
+                np_dtype = np.float32 if t.ggml_type == GGMLType.F32 else np.float16
+                writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np_dtype), t.nbytes())
+            else:
+                writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes(), raw_dtype=t.ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in tqdm(plan, desc=f"write {path.name}", unit="tensor", disable=not ctx.progress, leave=False):
+            writer.write_tensor_data(self._tensor_bytes(ctx, t))
+        writer.close()
+
+    def _tensor_bytes(self, ctx: ExportContext, t: PlannedTensor) -> np.ndarray:
+        if t.grid is not None:
+            qw = ctx.quantize(t.hf_name, t.grid)
+            if t.rope_heads:
+                qw = qw.permute_rows(rope_row_order(t.shape[0], t.rope_heads))
+            return t.grid.to_bytes(qw)
+        weight = ctx.source.load(t.hf_name)
+        if t.rope_heads:
+            weight = weight[rope_row_order(t.shape[0], t.rope_heads)]
+        if t.ggml_type == GGMLType.F32:
+            return weight.numpy().astype(np.float32)
+        if t.ggml_type == GGMLType.F16:
+            return weight.numpy().astype(np.float16)
+        return weight.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+
+    def _write_metadata(self, w: gguf.GGUFWriter, source: ModelSource) -> None:
+        cfg = source.config
+        n_head = _hparam(cfg, "num_attention_heads")
+        hidden = _hparam(cfg, "hidden_size")
+        head_dim = cfg.get("head_dim") or hidden // n_head
+        w.add_name(source.path.name if not source.is_default else "quantkit-default")
+        w.add_quantized_by("quantkit")
+        w.add_context_length(_hparam(cfg, "max_position_embeddings"))
+        w.add_embedding_length(hidden)
+        w.add_block_count(source.n_layers)
+        w.add_feed_forward_length(_hparam(cfg, "intermediate_size"))
+        w.add_head_count(n_head)
+        w.add_head_count_kv(cfg.get("num_key_value_heads") or n_head)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(head_dim)
+        w.add_rope_freq_base(_rope_theta(cfg))
+        w.add_layer_norm_rms_eps(float(_hparam(cfg, "rms_norm_eps")))
+        w.add_vocab_size(_hparam(cfg, "vocab_size"))
+        w.add_file_type(FILE_TYPES[self.type_name])
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        vocab = read_vocab(source.path, _tokenizer_config(source.path))
+        w.add_tokenizer_model(vocab.model)
+        w.add_tokenizer_pre(vocab.pre)
+        w.add_token_list(vocab.tokens)
+        w.add_token_types(vocab.token_types)
+        w.add_token_merges(vocab.merges)
+        if vocab.bos_id is not None:
+            w.add_bos_token_id(vocab.bos_id)
+        if vocab.eos_id is not None:
+            w.add_eos_token_id(vocab.eos_id)
+        w.add_add_bos_token(vocab.add_bos)
+
+    # ---- runtime --------------------------------------------------------------------------------
+    def _load(self, path: Path, n_ctx: int):
+        return load_llama(path, n_ctx)
+
+    def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:
+        llm = self._load(path, ids.shape[1])
+        try:
+            for row in tqdm(ids, desc=f"llama.cpp {path.name}", unit="seq", disable=not progress, leave=False):
+                llm.reset()
+                llm.eval(row.tolist())
+                yield np.array(llm.scores[: len(row)], dtype=np.float32)
+        finally:
+            llm.close()
+
+    def verify_tokenizer(self, path: Path, tokenizer, texts: list[str]) -> dict:
+        llm = self._load(path, 64)
+        mismatched, tokens = 0, 0
+        try:
+            for text in texts:
+                ours = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+                theirs = tokenizer.encode(text, add_special_tokens=False)
+                tokens += len(theirs)
+                mismatched += int(list(ours) != list(theirs))
+        finally:
+            llm.close()
+        return {"texts": len(texts), "tokens": tokens, "mismatched_texts": mismatched, "match": mismatched == 0}
+
+
+@contextmanager
+def _without_extra_buffer_types():
+    """Load llama.cpp models with ``use_extra_bufts = False``.
+
+    llama-cpp-python 0.3.36's Llama() offers no argument for it, and on CPUs with AMX the AMX
+    repack buffer segfaults on Q4_0 models (seen on this project's machines). The plain CPU buffer
+    computes the same results, so we patch the default model params while constructing.
+    """
+    import llama_cpp.llama as llama_module
+
+    original = llama_module.llama_cpp.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    llama_module.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = original
+
+
+def load_llama(path: Path, n_ctx: int):
+    """A llama.cpp model that returns logits for every position."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise QuantkitError("llama-cpp-python is not installed; pip install 'quantkit[llama]'") from None
+    try:
+        with _without_extra_buffer_types():
+            return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                         verbose=False, n_threads=os.cpu_count() or 1, seed=0)
+    except ValueError as exc:
+        raise QuantkitError(f"llama.cpp could not load {path} ({exc}); inspect it with 'quantkit inspect'") from None
+
+
+def _tokenizer_config(model_dir: Path) -> dict:
+    path = model_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise QuantkitError(f"{path} is not valid JSON; fix or re-save the tokenizer") from None
