@@ -1,0 +1,40 @@
+"""Python API for build systems: ``quantkit.ship(...) -> ShipResult``.
+
+    import quantkit
+    result = quantkit.ship(targets=["gguf:Q4_0"], out="dist/model")
+    if not result.ok: ...
+    result.manifest["artifacts"][0]["metrics"]["kld"]
+
+Bad input raises ``QuantkitError``; artifacts that fail their gate are reported in the result
+(``result.ok`` is False, ``result.rejected`` lists them) rather than raised, so a caller can decide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+from quantkit.pipeline import ShipResult
+from quantkit.pipeline import ship as _ship
+from quantkit.recipe import Recipe
+
+RECIPE_FIELDS = frozenset(f.name for f in fields(Recipe))
+
+
+def ship(
+    model: str | Path | None = None,
+    targets: Sequence[str] = ("gguf:Q4_0", "gguf:Q8_0"),
+    out: str | Path = "quantkit-out",
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    verbose: bool = False,
+    **recipe: object,
+) -> ShipResult:
+    """Run the ship pipeline. ``recipe`` takes the fields of :class:`quantkit.Recipe`
+    (method, bits, group_size, scheme, calib, eval, eval_samples, seq_len, max_kld, ...)."""
+    unknown = set(recipe) - RECIPE_FIELDS
+    if unknown:
+        raise TypeError(f"unknown recipe options {sorted(unknown)}; valid: {sorted(RECIPE_FIELDS)}")
+    return _ship(model, targets, out, Recipe(**recipe), overwrite=overwrite, progress=progress, verbose=verbose)

@@ -1,0 +1,165 @@
+"""Command line: ``quantkit ship`` and ``quantkit inspect``.
+
+Exit codes: 0 success; 1 an artifact failed its accuracy gate (it is kept under OUT/rejected/);
+2 bad input (one line on stderr naming the problem and the fix; nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from quantkit import __version__
+from quantkit.errors import QuantkitError
+
+SHIP_EPILOG = """\
+targets:
+  gguf:TYPE   llama.cpp GGUF file; TYPE one of F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0.
+              Checked by loading it in llama.cpp (llama-cpp-python) and scoring its logits.
+              GGUF block types fix their own grid (32-weight blocks); --bits/--group-size/--scheme
+              configure the integer grid of targets without one (GPTQ/AWQ checkpoints, ONNX: later issues).
+
+exit codes: 0 all artifacts accepted, 1 an artifact failed its gate, 2 bad input.
+
+examples:
+  quantkit ship                                   # embedded model -> Q4_0 and Q8_0 GGUF in ./quantkit-out
+  quantkit ship ./my-llama --targets gguf:Q5_1 --out dist --json
+  quantkit ship --targets gguf:Q4_0 --max-ppl-increase 10 --eval notes.txt
+"""
+
+
+def _targets(value: str) -> list[str]:
+    return [t for t in (v.strip() for v in value.split(",")) if t]
+
+
+def _add_ship(sub) -> None:
+    p = sub.add_parser(
+        "ship",
+        help="quantize a model, export artifacts, verify each in its runtime, write a manifest",
+        description="Quantize MODEL_DIR for each target, verify each artifact's accuracy in its own runtime "
+        "against the unquantized model, and write the artifacts and manifest.json to --out.",
+        epilog=SHIP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR",
+                   help="local Hugging Face checkpoint folder (default: the embedded model shipped with quantkit)")
+    p.add_argument("--targets", type=_targets, default=_targets("gguf:Q4_0,gguf:Q8_0"),
+                   help="comma-separated artifacts to build (default: gguf:Q4_0,gguf:Q8_0)")
+    p.add_argument("--out", default="quantkit-out", help="output folder (default: ./quantkit-out)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace artifacts and manifest.json of an earlier run in --out (other files are kept)")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--method", default="rtn", help="quantization method (default: rtn = round-to-nearest)")
+    q.add_argument("--bits", type=int, default=4, help="bits per weight of the integer grid, 2-8 (default: 4)")
+    q.add_argument("--group-size", type=int, default=128,
+                   help="weights per group along a row; -1 per channel, 0 per tensor (default: 128)")
+    q.add_argument("--scheme", choices=("sym", "asym"), default="sym",
+                   help="sym = absmax, asym = zero-point (default: sym)")
+    q.add_argument("--quantize-embeddings", action="store_true", help="also quantize the token embedding")
+    q.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output projection")
+    q.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="keep tensors matching GLOB unquantized, e.g. 'model.layers.0.*' (repeatable)")
+    d = p.add_argument_group("data")
+    d.add_argument("--calib", default="builtin",
+                   help="calibration text: 'builtin' (stdlib split), a .txt/.jsonl file or a folder (default: builtin)")
+    d.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default: 32)")
+    d.add_argument("--eval", default="builtin", help="evaluation text, same forms as --calib (default: builtin)")
+    d.add_argument("--eval-samples", type=int, default=16, help="evaluation sequences (default: 16)")
+    d.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default: 512)")
+    g = p.add_argument_group("accuracy gates (defaults depend on bits per weight; see README)")
+    g.add_argument("--max-ppl-increase", type=float, default=None, metavar="PCT",
+                   help="largest allowed perplexity increase over the reference, in percent")
+    g.add_argument("--max-kld", type=float, default=None, help="largest allowed mean KL divergence (nats)")
+    g.add_argument("--min-top1", type=float, default=None, help="smallest allowed top-1 agreement (0-1)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print manifest.json on stdout (the table goes to stderr)")
+    o.add_argument("--quiet", action="store_true", help="no progress bars or step messages")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="show what an artifact holds (GGUF: metadata, tensor types, sizes)",
+                       description="Show an artifact's metadata and tensors with their types and bits per weight.")
+    p.add_argument("artifact", help="path to a .gguf file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--tensors", action="store_true", help="list every tensor (default: a summary by type)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantkit", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"quantkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_ship(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(result) -> str:
+    ref = result.reference["metrics"]
+    rows = [("artifact", "size", "bpw", "ppl", "dppl%", "KLD", "top-1", "gate"),
+            ("reference (transformers fp32)", "-", "-", _fmt(ref["perplexity"], ".3f"), "-", "-", "-", "-")]
+    for a in result.artifacts:
+        m = a.metrics
+        verdict = "PASS" if a.accepted else "REJECTED: " + "; ".join(a.failures)
+        rows.append((a.path, f"{a.bytes / 2**20:.2f} MiB", f"{a.bits_per_weight:.2f}", _fmt(m["perplexity"], ".3f"),
+                     _fmt(m["ppl_increase_pct"], "+.2f"), _fmt(m["kld"], ".5f"), _fmt(m["top1"], ".4f"), verdict))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)) + "  " + r[-1] for r in rows]
+    return "\n".join(lines)
+
+
+def _run_ship(args) -> int:
+    from quantkit.pipeline import ship
+    from quantkit.recipe import Recipe
+
+    recipe = Recipe(
+        method=args.method, bits=args.bits, group_size=args.group_size, scheme=args.scheme,
+        quantize_embeddings=args.quantize_embeddings, quantize_lm_head=args.quantize_lm_head,
+        exclude=args.exclude, calib=args.calib, calib_samples=args.calib_samples, eval=args.eval,
+        eval_samples=args.eval_samples, seq_len=args.seq_len, max_ppl_increase_pct=args.max_ppl_increase,
+        max_kld=args.max_kld, min_top1=args.min_top1,
+    )
+    result = ship(args.model, args.targets, args.out, recipe, overwrite=args.overwrite,
+                  progress=not args.quiet, verbose=not args.quiet)
+    table_stream = sys.stderr if args.json else sys.stdout
+    print(format_table(result), file=table_stream)
+    print(f"wrote {result.out_dir}/manifest.json", file=table_stream)
+    if args.json:
+        print(json.dumps(result.manifest, indent=2))
+    if not result.ok:
+        print(f"error: {len(result.rejected)} artifact(s) failed their accuracy gate and were moved to "
+              f"{result.out_dir}/rejected/; relax the gate or use more bits", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_inspect(args) -> int:
+    from quantkit.inspection import format_gguf, inspect_gguf
+
+    info = inspect_gguf(args.artifact)
+    print(json.dumps(info, indent=2) if args.json else format_gguf(info, args.tensors))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "ship":
+            return _run_ship(args)
+        return _run_inspect(args)
+    except QuantkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written to the output folder", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

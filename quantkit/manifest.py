@@ -1,0 +1,44 @@
+"""manifest.json: what was built, from what, how it was checked, and with which versions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import asdict
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+_PACKAGES = ("torch", "transformers", "safetensors", "tokenizers", "gguf", "numpy", "llama-cpp-python")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def environment() -> dict:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions}
+
+
+def write_manifest(path: Path, *, artifacts, **fields) -> dict:
+    manifest = {
+        "schema": SCHEMA_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **fields,
+        "artifacts": [asdict(a) for a in artifacts],
+        "accepted": all(a.verdict == "accepted" for a in artifacts),
+    }
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

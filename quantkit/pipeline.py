@@ -1,0 +1,271 @@
+"""The ship pipeline: load -> (calibrate) -> quantize -> export -> verify in the runtime -> manifest.
+
+Everything is written into a temporary folder beside the output folder and moved into place only
+when the run completes, so a failed run leaves the output folder as it was. Artifacts that fail
+their accuracy gate are moved to ``OUT/rejected/`` and marked rejected in the manifest.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from quantkit import __version__
+from quantkit.checks import MetricAccumulator, Metrics, gate_for, score
+from quantkit.data import TokenSamples, load_documents, make_samples
+from quantkit.errors import QuantkitError
+from quantkit.grids import Grid, QuantizedWeight
+from quantkit.manifest import environment, file_sha256, write_manifest
+from quantkit.methods import METHODS
+from quantkit.model import ModelSource
+from quantkit.recipe import Recipe, check_grid_fits, quantized_tensor_names
+from quantkit.targets import ExportContext, Target, parse_target
+
+REJECTED_DIR = "rejected"
+TOKENIZER_CHECK_CHARS = 200_000
+
+
+@dataclass
+class ArtifactResult:
+    target: str
+    path: str  # relative to the output folder
+    bytes: int
+    sha256: str
+    bits_per_weight: float
+    runtime: dict
+    metrics: dict
+    gate: dict
+    verdict: str  # "accepted" | "rejected"
+    failures: list[str]
+    tokenizer_check: dict | None
+    seconds: dict
+
+    @property
+    def accepted(self) -> bool:
+        return self.verdict == "accepted"
+
+
+@dataclass
+class ShipResult:
+    """What ``quantkit ship`` produced; ``manifest`` is the content of manifest.json."""
+
+    out_dir: Path
+    manifest: dict
+    artifacts: list[ArtifactResult] = field(default_factory=list)
+    reference: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(a.accepted for a in self.artifacts)
+
+    @property
+    def rejected(self) -> list[ArtifactResult]:
+        return [a for a in self.artifacts if not a.accepted]
+
+
+class _Log:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(message, file=sys.stderr, flush=True)
+
+
+def _prepare_output(out: Path, filenames: list[str], overwrite: bool) -> Path:
+    """Check the output folder up front and create the temporary folder beside it."""
+    if out.exists() and not out.is_dir():
+        raise QuantkitError(f"output path {out} exists and is not a folder; choose another --out")
+    if out.is_dir() and not overwrite:
+        clashes = [n for n in [*filenames, "manifest.json", REJECTED_DIR] if (out / n).exists()]
+        if clashes:
+            raise QuantkitError(f"{out / clashes[0]} already exists; choose another --out or pass --overwrite")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.quantkit-", dir=out.parent))
+    except OSError as exc:
+        raise QuantkitError(f"cannot write to output folder {out} ({exc.strerror}); choose a writable --out") from None
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for item in sorted(tmp.iterdir()):
+        dest = out / item.name
+        if dest.is_dir() and item.is_dir():
+            _move_into_place(item, dest)
+            item.rmdir()
+            continue
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        item.replace(dest)
+
+
+def _reference_logprobs(source: ModelSource, samples: TokenSamples, log: _Log, progress: bool):
+    log(f"reference: {source.arch.hf_class} in transformers (fp32) on {samples.n_tokens} tokens")
+    model = source.hf_model(torch.float32)
+    acc = MetricAccumulator()
+    with torch.no_grad():
+        for i, row in enumerate(tqdm(samples.ids, desc="reference", unit="seq", disable=not progress, leave=False)):
+            acc.add(i, row, model(input_ids=row[None]).logits[0], keep=True)
+    del model
+    return acc.logprobs, acc.result()
+
+
+def _make_quantizer(source: ModelSource, recipe: Recipe, stats: object | None):
+    method = METHODS[recipe.method]()
+
+    def quantize(name: str, grid: Grid) -> QuantizedWeight:
+        return method.quantize_weight(source.load(name), grid, stats)
+
+    return quantize
+
+
+def _tokenizer_texts(recipe: Recipe) -> list[str]:
+    texts, total = [], 0
+    for doc in load_documents(recipe.eval, "eval"):
+        texts.append(doc[: TOKENIZER_CHECK_CHARS - total])
+        total += len(texts[-1])
+        if total >= TOKENIZER_CHECK_CHARS:
+            break
+    return texts
+
+
+def _verify(target: Target, path: Path, samples: TokenSamples, reference: list[torch.Tensor],
+            ref_metrics: Metrics, progress: bool) -> Metrics:
+    return score(samples.ids, target.logits(path, samples.ids, progress), reference, ref_metrics.perplexity)
+
+
+def ship(
+    model: str | Path | None = None,
+    targets: Sequence[str] = ("gguf:Q4_0", "gguf:Q8_0"),
+    out: str | Path = "quantkit-out",
+    recipe: Recipe | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    verbose: bool = True,
+) -> ShipResult:
+    """Quantize ``model`` for each target, check each artifact in its runtime, write a manifest."""
+    started = time.time()
+    log = _Log(verbose)
+    recipe = recipe or Recipe()
+    recipe.validate()
+    parsed = [parse_target(t) for t in targets]
+    if not parsed:
+        raise QuantkitError("no targets given; pass e.g. --targets gguf:Q4_0,gguf:Q8_0")
+    names = [t.name for t in parsed]
+    if len(set(names)) != len(names):
+        raise QuantkitError(f"a target is listed twice in {', '.join(names)}; list each once")
+
+    source = ModelSource(model)
+    quantized = quantized_tensor_names(source, recipe)
+    check_grid_fits(source, quantized, recipe.int_grid(), f"--group-size {recipe.group_size}")
+    ctx = ExportContext(source, recipe, quantized, quantize=lambda n, g: None, progress=progress)
+    for target in parsed:
+        target.validate(ctx)
+    out = Path(out)
+    tmp = _prepare_output(out, [t.filename() for t in parsed], overwrite)
+    try:
+        result = _run(source, recipe, parsed, ctx, tmp, out, log, progress, started)
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _run(source: ModelSource, recipe: Recipe, targets: list[Target], ctx: ExportContext, tmp: Path, out: Path,
+         log: _Log, progress: bool, started: float) -> ShipResult:
+    log(f"model: {source.path} ({source.arch.hf_class}, {source.parameter_count / 1e6:.1f}M parameters)")
+    source.check_finite()
+    tokenizer = source.tokenizer()
+    samples = make_samples(tokenizer, recipe.eval, "eval", recipe.eval_samples, recipe.seq_len)
+    calibration = None
+    stats = None
+    if METHODS[recipe.method].needs_statistics:
+        calib = make_samples(tokenizer, recipe.calib, "calib", recipe.calib_samples, recipe.seq_len)
+        calibration = {"source": calib.source, "samples": calib.ids.shape[0], "seq_len": recipe.seq_len,
+                       "ids_sha256": calib.sha256}
+    ctx.quantize = _make_quantizer(source, recipe, stats)
+    reference, ref_metrics = _reference_logprobs(source, samples, log, progress)
+    log(f"reference perplexity {ref_metrics.perplexity:.3f}")
+
+    texts = _tokenizer_texts(recipe)
+    artifacts = []
+    for target in targets:
+        artifacts.append(_ship_one(target, ctx, tmp, samples, reference, ref_metrics, tokenizer, texts, log,
+                                   progress))
+
+    result = ShipResult(out_dir=out, manifest={}, artifacts=artifacts,
+                        reference={"runtime": "transformers (torch fp32)", "metrics": ref_metrics.to_dict()})
+    result.manifest = write_manifest(
+        tmp / "manifest.json",
+        quantkit_version=__version__,
+        model=_model_entry(source),
+        recipe=recipe.to_dict(),
+        data={"eval": {"source": samples.source, "samples": samples.ids.shape[0], "seq_len": recipe.seq_len,
+                       "tokens": samples.n_tokens, "ids_sha256": samples.sha256},
+              "calibration": calibration},
+        reference=result.reference,
+        artifacts=artifacts,
+        environment=environment(),
+        seconds=round(time.time() - started, 1),
+    )
+    return result
+
+
+def _ship_one(target: Target, ctx: ExportContext, tmp: Path, samples: TokenSamples,
+              reference: list[torch.Tensor], ref_metrics: Metrics, tokenizer, texts: list[str], log: _Log,
+              progress: bool) -> ArtifactResult:
+    path = tmp / target.filename()
+    log(f"{target.name}: exporting {path.name}")
+    t0 = time.time()
+    target.export(ctx, path)
+    t1 = time.time()
+    log(f"{target.name}: checking in {target.runtime()['name']}")
+    tokenizer_check = target.verify_tokenizer(path, tokenizer, texts)
+    metrics = _verify(target, path, samples, reference, ref_metrics, progress)
+    t2 = time.time()
+    bpw = target.bits_per_weight(ctx.recipe)
+    gate = gate_for(bpw, ctx.recipe.gate_overrides())
+    failures = gate.failures(metrics)
+    if tokenizer_check is not None and not tokenizer_check["match"]:
+        failures.append(f"tokenization differs from the HF tokenizer on {tokenizer_check['mismatched_texts']} texts")
+    relative = Path(target.filename())
+    if failures:
+        (tmp / REJECTED_DIR).mkdir(exist_ok=True)
+        relative = Path(REJECTED_DIR) / target.filename()
+        path.replace(tmp / relative)
+        path = tmp / relative
+    return ArtifactResult(
+        target=target.name,
+        path=relative.as_posix(),
+        bytes=path.stat().st_size,
+        sha256=file_sha256(path),
+        bits_per_weight=round(bpw, 4),
+        runtime=target.runtime(),
+        metrics=metrics.to_dict(),
+        gate=gate.to_dict(),
+        verdict="rejected" if failures else "accepted",
+        failures=failures,
+        tokenizer_check=tokenizer_check,
+        seconds={"export": round(t1 - t0, 2), "verify": round(t2 - t1, 2)},
+    )
+
+
+def _model_entry(source: ModelSource) -> dict:
+    return {
+        "path": "<embedded default model>" if source.is_default else str(source.path.resolve()),
+        "architecture": source.arch.name,
+        "hf_class": source.arch.hf_class,
+        "parameters": source.parameter_count,
+        "tied_embeddings": source.tied_embeddings,
+        "weights_sha256": source.weight_sha256(),
+    }
+

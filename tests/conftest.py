@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random checkpoints of each supported architecture, saved as HF folders.
+
+They reuse the embedded model's tokenizer so GGUF export (which needs a real tokenizer) works.
+Random weights say nothing about accuracy; accuracy tests use the embedded trained model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+from quantkit.model import default_model_dir
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TINY = dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
+
+
+def save_tiny(path: Path, config, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random init scales are tiny; widen them so quantization error is visible
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            else:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(default_model_dir() / name, path / name)
+    return path
+
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**TINY),
+    "llama-tied": lambda: LlamaConfig(**TINY, tie_word_embeddings=True),
+    "mistral": lambda: MistralConfig(**TINY, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**TINY, tie_word_embeddings=False),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: save_tiny(root / name, make()) for name, make in TINY_CONFIGS.items()}
+
+
+@pytest.fixture
+def tiny_llama(tiny_models, tmp_path) -> Path:
+    """A private copy of the tiny Llama that a test may damage."""
+    dest = tmp_path / "tiny-llama"
+    shutil.copytree(tiny_models["llama"], dest)
+    return dest
+

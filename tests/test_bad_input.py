@@ -1,0 +1,116 @@
+"""Bad input: one clear line on stderr, exit code 2, nothing new in the output folder."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantkit.cli import main
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("a file of the user's")
+    return out
+
+
+def run_bad(capsys, out_dir, *argv) -> str:
+    parent_before = sorted(p.name for p in out_dir.parent.iterdir())
+    code = main(["ship", *argv, "--out", str(out_dir), "--quiet", "--eval-samples", "2", "--seq-len", "32"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["keep.txt"]
+    assert (out_dir / "keep.txt").read_text() == "a file of the user's"
+    assert sorted(p.name for p in out_dir.parent.iterdir()) == parent_before  # no temporary folder left
+    return err
+
+
+def test_missing_folder(capsys, out_dir, tmp_path):
+    err = run_bad(capsys, out_dir, str(tmp_path / "no-such-model"))
+    assert "does not exist" in err and "checkpoint folder" in err
+
+
+def test_missing_config(capsys, out_dir, tiny_llama):
+    (tiny_llama / "config.json").unlink()
+    assert "has no config.json" in run_bad(capsys, out_dir, str(tiny_llama))
+
+
+def test_invalid_config(capsys, out_dir, tiny_llama):
+    (tiny_llama / "config.json").write_text("{not json")
+    assert "is not valid JSON" in run_bad(capsys, out_dir, str(tiny_llama))
+
+
+def test_truncated_safetensors(capsys, out_dir, tiny_llama):
+    weights = tiny_llama / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    err = run_bad(capsys, out_dir, str(tiny_llama))
+    assert "truncated" in err and "re-save" in err
+
+
+def test_corrupt_safetensors_header(capsys, out_dir, tiny_llama):
+    weights = tiny_llama / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    raw[8 : 8 + 16] = b"\xff" * 16  # garble the JSON header
+    assert header_len > 16
+    weights.write_bytes(bytes(raw))
+    assert "corrupt safetensors header" in run_bad(capsys, out_dir, str(tiny_llama))
+
+
+def test_unsupported_architecture(capsys, out_dir, tiny_llama):
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    cfg["architectures"] = ["BertForMaskedLM"]
+    (tiny_llama / "config.json").write_text(json.dumps(cfg))
+    err = run_bad(capsys, out_dir, str(tiny_llama))
+    assert "unsupported architecture (BertForMaskedLM)" in err and "LlamaForCausalLM" in err
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_nan_or_inf_in_weights(capsys, out_dir, tiny_llama, bad_value):
+    weights = tiny_llama / "model.safetensors"
+    tensors = load_file(weights)
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name][3, 7] = bad_value
+    save_file(tensors, weights)
+    err = run_bad(capsys, out_dir, str(tiny_llama))
+    assert name in err and "NaN/Inf" in err
+
+
+def test_group_size_not_dividing_a_row(capsys, out_dir, tiny_llama):
+    err = run_bad(capsys, out_dir, str(tiny_llama), "--group-size", "96")
+    assert "group size 96 does not divide the row length 128" in err
+
+
+@pytest.mark.parametrize("spec,expected", [("onnx", "unknown target 'onnx'"),
+                                           ("gguf:Q3_X", "unknown GGUF type 'Q3_X'")])
+def test_unknown_target_or_type(capsys, out_dir, tiny_llama, spec, expected):
+    assert expected in run_bad(capsys, out_dir, str(tiny_llama), "--targets", spec)
+
+
+def test_output_folder_not_writable(capsys, tiny_llama, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the output folder's parent should be")
+    code = main(["ship", str(tiny_llama), "--out", str(blocker / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: cannot write to output folder") and "\n" not in err
+    assert blocker.read_text().startswith("a file")
+
+
+def test_existing_artifact_is_not_overwritten(capsys, out_dir, tiny_llama):
+    (out_dir / "model-Q8_0.gguf").write_text("an earlier artifact")
+    code = main(["ship", str(tiny_llama), "--targets", "gguf:Q8_0", "--out", str(out_dir), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert (out_dir / "model-Q8_0.gguf").read_text() == "an earlier artifact"
+
+
+def test_weights_untouched_by_a_failed_run(capsys, out_dir, tiny_llama):
+    before = {p.name: p.read_bytes() for p in tiny_llama.iterdir()}
+    run_bad(capsys, out_dir, str(tiny_llama), "--group-size", "96")
+    assert {p.name: p.read_bytes() for p in tiny_llama.iterdir()} == before
+    assert torch.is_tensor(load_file(tiny_llama / "model.safetensors")["model.norm.weight"])

@@ -1,0 +1,113 @@
+"""GGUF files in llama.cpp itself (llama-cpp-python): loading, tokenization, logits, and byte
+identity with llama.cpp's own quantizer."""
+
+from pathlib import Path
+
+import gguf
+import llama_cpp  # a required test dependency: the real GGUF runtime
+import numpy as np
+import pytest
+import torch
+
+from quantkit.data import load_documents
+from quantkit.methods import RoundToNearest
+from quantkit.model import ModelSource
+from quantkit.recipe import Recipe, quantized_tensor_names
+from quantkit.targets import ExportContext, parse_target
+
+LLAMA_FTYPES = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+                "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+                "Q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1"}
+
+
+def export(model_dir, gguf_type: str, path: Path, **recipe) -> Path:
+    src = ModelSource(model_dir)
+    r = Recipe(**recipe)
+    method = RoundToNearest()
+    ctx = ExportContext(src, r, quantized_tensor_names(src, r),
+                        quantize=lambda name, grid: method.quantize_weight(src.load(name), grid), progress=False)
+    target = parse_target(f"gguf:{gguf_type}")
+    target.validate(ctx)
+    target.export(ctx, path)
+    return path
+
+
+def llama_quantize(src: Path, dst: Path, gguf_type: str, pure: bool) -> Path:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_FTYPES[gguf_type])
+    params.pure = pure
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) == 0
+    return dst
+
+
+def tensors(path: Path) -> dict:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.fixture(scope="module")
+def default_f32(tmp_path_factory) -> Path:
+    return export(None, "F32", tmp_path_factory.mktemp("gguf") / "model-F32.gguf")
+
+
+@pytest.mark.parametrize("gguf_type", sorted(LLAMA_FTYPES))
+def test_every_tensor_byte_identical_to_llama_cpp_quantizer(default_f32, tmp_path, gguf_type):
+    """All 2-D tensors (embeddings and lm_head included) quantized: llama.cpp's pure mode does the same."""
+    ours = tensors(export(None, gguf_type, tmp_path / "ours.gguf", quantize_embeddings=True, quantize_lm_head=True))
+    theirs = tensors(llama_quantize(default_f32, tmp_path / "theirs.gguf", gguf_type, pure=True))
+    assert ours.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert ours[name].tensor_type == t.tensor_type, name
+        assert ours[name].data.tobytes() == t.data.tobytes(), name
+
+
+def test_default_recipe_matches_llama_cpp_on_block_linears(default_f32, tmp_path):
+    """With default settings (embeddings / lm_head not quantized) every quantized tensor still matches."""
+    ours = tensors(export(None, "Q4_0", tmp_path / "ours.gguf"))
+    theirs = tensors(llama_quantize(default_f32, tmp_path / "theirs.gguf", "Q4_0", pure=False))
+    quantized = [n for n, t in ours.items() if t.tensor_type == gguf.GGMLQuantizationType.Q4_0]
+    assert len(quantized) == 4 * 7
+    for name in quantized:
+        assert ours[name].data.tobytes() == theirs[name].data.tobytes(), name
+    assert ours["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+
+
+def test_llama_cpp_tokenizes_eval_text_like_hf(default_f32):
+    from quantkit.targets.gguf import GGUFTarget
+
+    docs = load_documents("builtin", "eval")
+    check = GGUFTarget("F32").verify_tokenizer(default_f32, ModelSource().tokenizer(), docs)
+    assert check["texts"] == len(docs) and check["tokens"] > 50_000
+    assert check["mismatched_texts"] == 0
+
+
+def _max_logit_error(model_dir, gguf_path: Path, seq_len: int = 64) -> tuple[float, float]:
+    src = ModelSource(model_dir)
+    ids = torch.randint(1, src.config["vocab_size"], (1, seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = src.hf_model()(input_ids=ids).logits[0].numpy()
+    ours = next(parse_target("gguf:F32").logits(gguf_path, ids, progress=False))
+    return float(np.abs(ours - ref).max()), float(np.abs(ref).max())
+
+
+def test_f32_logits_equal_transformers_on_default_model(default_f32):
+    err, scale = _max_logit_error(None, default_f32, seq_len=256)
+    # same weights in fp32; llama.cpp sums in a different order (and uses its own exp/rope code)
+    assert err < 2e-3 * max(1.0, scale), (err, scale)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "mistral", "qwen2"])
+def test_f32_logits_equal_transformers_for_each_architecture(tiny_models, tmp_path, name):
+    """Checks the rope permutation (llama, mistral), biases (qwen2) and tied embeddings in llama.cpp."""
+    path = export(tiny_models[name], "F32", tmp_path / f"{name}.gguf")
+    err, scale = _max_logit_error(tiny_models[name], path)
+    assert err < 2e-3 * max(1.0, scale), (err, scale)
+    if name == "llama-tied":
+        assert "output.weight" not in tensors(path)
+
+
+def test_quantized_file_is_close_to_float_in_llama_cpp(default_f32, tmp_path):
+    q8 = export(None, "Q8_0", tmp_path / "q8.gguf")
+    ids = torch.randint(1, 4096, (1, 128), generator=torch.Generator().manual_seed(1))
+    a = next(parse_target("gguf:F32").logits(default_f32, ids, progress=False))
+    b = next(parse_target("gguf:Q8_0").logits(q8, ids, progress=False))
+    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.95

@@ -1,0 +1,90 @@
+"""End to end: `quantkit ship` on the embedded model, artifacts scored from llama.cpp's logits."""
+
+import json
+
+import pytest
+
+import quantkit
+from quantkit.cli import main
+from quantkit.manifest import file_sha256
+from quantkit.model import ModelSource
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ship") / "dist"
+    code = main(["ship", "--targets", "gguf:Q8_0,gguf:Q4_0", "--out", str(out), "--eval-samples", "8", "--quiet"])
+    return code, out, json.loads((out / "manifest.json").read_text())
+
+
+def test_ship_writes_accepted_artifacts(shipped):
+    code, out, manifest = shipped
+    assert code == 0 and manifest["accepted"] is True
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model-Q4_0.gguf", "model-Q8_0.gguf"]
+    for art in manifest["artifacts"]:
+        path = out / art["path"]
+        assert art["bytes"] == path.stat().st_size and art["sha256"] == file_sha256(path)
+        assert art["runtime"]["name"].startswith("llama.cpp") and art["runtime"]["version"]
+        assert art["verdict"] == "accepted" and art["failures"] == []
+        assert art["tokenizer_check"]["match"] is True
+
+
+def test_eight_bit_is_within_one_percent(shipped):
+    _, _, manifest = shipped
+    q8 = next(a for a in manifest["artifacts"] if a["target"] == "gguf:Q8_0")
+    assert abs(q8["metrics"]["ppl_increase_pct"]) < 1.0
+    assert q8["metrics"]["top1"] > 0.97
+
+
+def test_four_bit_is_worse_than_eight_bit(shipped):
+    _, _, manifest = shipped
+    m = {a["target"]: a["metrics"] for a in manifest["artifacts"]}
+    assert m["gguf:Q4_0"]["kld"] > m["gguf:Q8_0"]["kld"]
+    assert m["gguf:Q4_0"]["top1"] < m["gguf:Q8_0"]["top1"]
+
+
+def test_manifest_describes_model_recipe_and_data(shipped):
+    _, _, manifest = shipped
+    src = ModelSource()
+    assert manifest["quantkit_version"] == quantkit.__version__
+    assert manifest["model"]["architecture"] == "llama"
+    assert manifest["model"]["parameters"] == src.parameter_count
+    assert manifest["model"]["weights_sha256"] == src.weight_sha256()
+    assert manifest["recipe"]["method"] == "rtn"
+    assert manifest["data"]["eval"]["tokens"] == 8 * 512
+    assert manifest["reference"]["metrics"]["perplexity"] > 1
+    assert manifest["environment"]["packages"]["llama-cpp-python"]
+
+
+def test_json_output_and_gate_rejection(tmp_path, capsys):
+    out = tmp_path / "strict"
+    code = main(["ship", "--targets", "gguf:Q4_0", "--out", str(out), "--eval-samples", "2", "--seq-len", "128",
+                 "--max-kld", "0", "--json", "--quiet"])
+    captured = capsys.readouterr()
+    manifest = json.loads(captured.out)  # stdout holds only the manifest
+    assert code == 1
+    assert manifest["accepted"] is False
+    art = manifest["artifacts"][0]
+    assert art["verdict"] == "rejected" and art["failures"][0].startswith("KLD")
+    assert art["path"] == "rejected/model-Q4_0.gguf" and (out / art["path"]).is_file()
+    assert not (out / "model-Q4_0.gguf").exists()
+    assert "REJECTED" in captured.err and "failed their accuracy gate" in captured.err
+
+
+def test_python_api(tmp_path):
+    result = quantkit.ship(targets=["gguf:Q5_1"], out=tmp_path / "api", eval_samples=2, seq_len=128)
+    assert isinstance(result, quantkit.ShipResult) and result.ok
+    assert result.artifacts[0].target == "gguf:Q5_1"
+    assert result.manifest["artifacts"][0]["sha256"] == result.artifacts[0].sha256
+    with pytest.raises(TypeError, match="unknown recipe options"):
+        quantkit.ship(out=tmp_path / "x", bitz=4)
+
+
+def test_overwrite_replaces_only_our_files(tmp_path):
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    for _ in range(2):
+        assert main(["ship", "--targets", "gguf:F16", "--out", str(out), "--eval-samples", "1", "--seq-len", "64",
+                     "--overwrite", "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model-F16.gguf", "notes.md"]
