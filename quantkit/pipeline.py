@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from quantkit import __version__
+from quantkit.calibrate import LinearStats, collect_statistics
 from quantkit.checks import MetricAccumulator, Metrics, gate_for, score
 from quantkit.data import TokenSamples, load_documents, make_samples
 from quantkit.errors import QuantkitError
@@ -119,11 +120,11 @@ def _reference_logprobs(source: ModelSource, samples: TokenSamples, log: _Log, p
     return acc.logprobs, acc.result()
 
 
-def _make_quantizer(source: ModelSource, recipe: Recipe, stats: object | None):
+def _make_quantizer(source: ModelSource, recipe: Recipe, stats: dict[str, LinearStats] | None):
     method = METHODS[recipe.method]()
 
     def quantize(name: str, grid: Grid) -> QuantizedWeight:
-        return method.quantize_weight(source.load(name), grid, stats)
+        return method.quantize_weight(source.load(name), grid, stats.get(name) if stats else None)
 
     return quantize
 
@@ -192,6 +193,8 @@ def _run(source: ModelSource, recipe: Recipe, targets: list[Target], ctx: Export
         calib = make_samples(tokenizer, recipe.calib, "calib", recipe.calib_samples, recipe.seq_len)
         calibration = {"source": calib.source, "samples": calib.ids.shape[0], "seq_len": recipe.seq_len,
                        "ids_sha256": calib.sha256}
+        log(f"calibration: {calib.n_tokens} tokens from {calib.source}")
+        stats = collect_statistics(source.hf_model(torch.float32), calib, ctx.quantized_names, progress)
     ctx.quantize = _make_quantizer(source, recipe, stats)
     reference, ref_metrics = _reference_logprobs(source, samples, log, progress)
     log(f"reference perplexity {ref_metrics.perplexity:.3f}")

@@ -47,7 +47,7 @@ class Target(ABC):
     def filename(self) -> str:
         """File or folder name of the artifact inside the output folder."""
 
-    def validate(self, ctx: ExportContext) -> None:
+    def validate(self, ctx: ExportContext) -> None:  # noqa: B027 - optional hook, most targets add checks
         """Reject impossible combinations before any work starts."""
 
     @abstractmethod

@@ -1,0 +1,1 @@
+"""quantkit.kernels: Triton kernels beside their torch references (arrives with the kernels issue)."""

@@ -1,0 +1,60 @@
+"""Calibration statistics of linear-layer inputs, collected once per run.
+
+For each quantized linear: the sum of outer products of its inputs (``X^T X``, GPTQ's Hessian up
+to a factor) and the token count; the diagonal over the count is the mean squared activation per
+input channel (llama.cpp's importance matrix, AWQ's activation magnitude). One forward pass over
+the calibration samples serves every grid and every target of a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from quantkit.data import TokenSamples
+
+
+@dataclass
+class LinearStats:
+    gram: torch.Tensor  # (in_features, in_features) float64: sum over tokens of x x^T
+    tokens: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.gram += x.T @ x
+        self.tokens += x.shape[0]
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        """Mean of x_j^2 over calibration tokens, per input channel j."""
+        return torch.diagonal(self.gram) / max(self.tokens, 1)
+
+
+def _module_name(weight_name: str) -> str:
+    return weight_name.removesuffix(".weight")
+
+
+@torch.no_grad()
+def collect_statistics(model: nn.Module, samples: TokenSamples, weight_names: Iterable[str],
+                       progress: bool = False) -> dict[str, LinearStats]:
+    """Run the calibration samples through ``model`` and accumulate each named linear's input stats."""
+    modules = dict(model.named_modules())
+    stats: dict[str, LinearStats] = {}
+    handles = []
+    for name in weight_names:
+        module = modules[_module_name(name)]
+        if not isinstance(module, nn.Linear):
+            continue  # embeddings take token ids, not activations
+        entry = stats[name] = LinearStats(torch.zeros(module.in_features, module.in_features, dtype=torch.float64))
+        handles.append(module.register_forward_hook(lambda _m, args, _out, entry=entry: entry.add(args[0])))
+    try:
+        for row in tqdm(samples.ids, desc="calibrate", unit="seq", disable=not progress, leave=False):
+            model(input_ids=row[None])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats

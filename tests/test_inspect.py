@@ -1,0 +1,30 @@
+"""`quantkit inspect` on a GGUF file."""
+
+import json
+
+from quantkit.cli import main
+from tests.test_gguf_llama import export
+
+
+def test_inspect_reports_types_and_bits(tmp_path, capsys):
+    path = export(None, "Q4_0", tmp_path / "m.gguf")
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["metadata"]["general.architecture"] == "llama"
+    assert info["metadata"]["llama.attention.head_count_kv"] == 2
+    assert info["metadata"]["tokenizer.ggml.pre"] == "gpt-2"
+    assert info["by_type"]["Q4_0"]["tensors"] == 28
+    assert info["by_type"]["Q4_0"]["bits_per_weight"] == 4.5
+    assert set(info["by_type"]) == {"F32", "F16", "Q4_0"}
+    assert info["tensor_count"] == 39
+
+    assert main(["inspect", str(path), "--tensors"]) == 0
+    text = capsys.readouterr().out
+    assert "blk.0.attn_q.weight" in text and "4.500 bpw" in text
+
+
+def test_inspect_bad_file(tmp_path, capsys):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    assert main(["inspect", str(bad)]) == 2
+    assert "not a readable GGUF file" in capsys.readouterr().err
