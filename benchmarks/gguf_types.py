@@ -1,4 +1,4 @@
-"""Every GGUF type quantkit writes, on the embedded model, scored in llama.cpp.
+"""Every GGUF type quantkit writes, by round-to-nearest and by GPTQ, on the embedded model, scored in llama.cpp.
 
     python benchmarks/gguf_types.py            # writes benchmarks/results/gguf_types.{md,json}
 
@@ -49,33 +49,39 @@ def identical_quantized_tensors(ours: Path, theirs: Path) -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
 
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "dist"
         started = time.time()
-        result = quantkit.ship(targets=[f"gguf:{t}" for t in TYPES], out=out, eval_samples=args.eval_samples,
-                               seq_len=args.seq_len, progress=True, verbose=True)
+        common = dict(eval_samples=args.eval_samples, calib_samples=args.calib_samples, seq_len=args.seq_len,
+                      progress=True, verbose=True)
+        rtn_out, gptq_out = Path(tmp) / "rtn", Path(tmp) / "gptq"
+        result = quantkit.ship(targets=[f"gguf:{t}" for t in TYPES], out=rtn_out, method="rtn", **common)
+        gptq = quantkit.ship(targets=[f"gguf:{t}" for t in TYPES if t in GGUF_GRIDS], out=gptq_out,
+                             method="gptq", **common)
         wall = time.time() - started
-        rows = []
-        for art in result.artifacts:
-            gguf_type = art.target.split(":")[1]
-            row = {"type": gguf_type, "bits_per_weight": art.bits_per_weight, "bytes": art.bytes,
-                   **art.metrics, "verdict": art.verdict, "export_s": art.seconds["export"],
-                   "verify_s": art.seconds["verify"]}
-            if gguf_type in GGUF_GRIDS:
-                theirs, seconds = llama_cpp_reference(out / "model-F32.gguf", Path(tmp) / f"ref-{gguf_type}.gguf",
-                                                      gguf_type)
-                same, compared = identical_quantized_tensors(out / art.path, theirs)
-                row.update(identical_to_llama_cpp=f"{same}/{compared}", llama_cpp_quantize_s=round(seconds, 2))
-            rows.append(row)
+        for method, run, out in (("rtn", result, rtn_out), ("gptq", gptq, gptq_out)):
+            for art in run.artifacts:
+                gguf_type = art.target.split(":")[1]
+                row = {"type": gguf_type, "method": method, "bits_per_weight": art.bits_per_weight,
+                       "bytes": art.bytes, **art.metrics, "verdict": art.verdict,
+                       "export_s": art.seconds["export"], "verify_s": art.seconds["verify"]}
+                if gguf_type in GGUF_GRIDS and method == "rtn":
+                    theirs, seconds = llama_cpp_reference(rtn_out / "model-F32.gguf",
+                                                          Path(tmp) / f"ref-{gguf_type}.gguf", gguf_type)
+                    same, compared = identical_quantized_tensors(out / art.path, theirs)
+                    row.update(identical_to_llama_cpp=f"{same}/{compared}", llama_cpp_quantize_s=round(seconds, 2))
+                rows.append(row)
 
     ref = result.reference["metrics"]
     command = "python benchmarks/gguf_types.py " + " ".join(sys.argv[1:])
     payload = {"command": command.strip(), "quantkit": quantkit.__version__, "python": platform.python_version(),
                "llama_cpp_python": llama_cpp.__version__, "eval_tokens": args.eval_samples * args.seq_len,
+               "calib_tokens": args.calib_samples * args.seq_len,
                "reference": ref, "rows": rows, "wall_seconds": round(wall, 1)}
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "gguf_types.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -89,16 +95,19 @@ def to_markdown(p: dict) -> str:
         "",
         f"Command: `{p['command']}` (quantkit {p['quantkit']}, llama-cpp-python {p['llama_cpp_python']}, "
         f"Python {p['python']}). Evaluation: {p['eval_tokens']} tokens of the built-in eval split; reference "
-        f"(transformers, fp32) perplexity {p['reference']['perplexity']:.3f}. Round-to-nearest; token embedding and "
-        "output stay F16 in quantized files (quantkit's default). \"Same bytes\": quantized tensors identical to "
-        "llama.cpp's `llama_model_quantize` output from our F32 file.",
+        f"(transformers, fp32) perplexity {p['reference']['perplexity']:.3f}. GPTQ calibrates on "
+        f"{p['calib_tokens']} tokens of the calib split. Token embedding and output stay F16 in quantized files "
+        "(quantkit's default). \"Same bytes\": quantized tensors identical to llama.cpp's `llama_model_quantize` "
+        "output from our F32 file. Export time includes GPTQ's layer-by-layer pass.",
         "",
-        "| type | bits/weight | size (MiB) | ppl | Δppl % | KLD | top-1 | gate | same bytes as llama.cpp | export s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| type | method | bits/weight | size (MiB) | ppl | Δppl % | KLD | top-1 | gate | same bytes as llama.cpp "
+        "| export s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in p["rows"]:
         lines.append(
-            f"| {r['type']} | {r['bits_per_weight']:.2f} | {r['bytes'] / 2**20:.2f} | {r['perplexity']:.3f} | "
+            f"| {r['type']} | {r['method']} | {r['bits_per_weight']:.2f} | {r['bytes'] / 2**20:.2f} | "
+            f"{r['perplexity']:.3f} | "
             f"{r['ppl_increase_pct']:+.2f} | {r['kld']:.5f} | {r['top1']:.4f} | {r['verdict']} | "
             f"{r.get('identical_to_llama_cpp', 'n/a')} | {r['export_s']:.2f} |"
         )

@@ -49,6 +49,14 @@ class Architecture:
     linears: tuple[str, ...] = LLAMA_LINEARS
     norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     block_prefix: str = "model.layers.{index}."
+    blocks_module: str = "model.layers"
+    # Linears that read the same input, in execution order (sequential methods quantize group by group).
+    linear_groups: tuple[tuple[str, ...], ...] = (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    )
     embedding: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"

@@ -51,12 +51,19 @@ def _add_ship(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace artifacts and manifest.json of an earlier run in --out (other files are kept)")
     q = p.add_argument_group("quantization")
-    q.add_argument("--method", default="rtn", help="quantization method (default: rtn = round-to-nearest)")
+    q.add_argument("--method", default="rtn",
+                   help="rtn (round-to-nearest) or gptq (error-compensating, uses calibration text; default: rtn)")
     q.add_argument("--bits", type=int, default=4, help="bits per weight of the integer grid, 2-8 (default: 4)")
     q.add_argument("--group-size", type=int, default=128,
                    help="weights per group along a row; -1 per channel, 0 per tensor (default: 128)")
     q.add_argument("--scheme", choices=("sym", "asym"), default="sym",
                    help="sym = absmax, asym = zero-point (default: sym)")
+    q.add_argument("--damp-percent", type=float, default=0.01,
+                   help="gptq: Hessian damping as a fraction of its mean diagonal (default: 0.01)")
+    q.add_argument("--act-order", action="store_true",
+                   help="gptq: quantize columns by decreasing activation energy (desc_act)")
+    q.add_argument("--static-groups", action="store_true",
+                   help="gptq: fit group scales on the original weights before the sweep")
     q.add_argument("--quantize-embeddings", action="store_true", help="also quantize the token embedding")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output projection")
     q.add_argument("--exclude", action="append", default=[], metavar="GLOB",
@@ -120,6 +127,7 @@ def _run_ship(args) -> int:
 
     recipe = Recipe(
         method=args.method, bits=args.bits, group_size=args.group_size, scheme=args.scheme,
+        damp_percent=args.damp_percent, act_order=args.act_order, static_groups=args.static_groups,
         quantize_embeddings=args.quantize_embeddings, quantize_lm_head=args.quantize_lm_head,
         exclude=args.exclude, calib=args.calib, calib_samples=args.calib_samples, eval=args.eval,
         eval_samples=args.eval_samples, seq_len=args.seq_len, max_ppl_increase_pct=args.max_ppl_increase,

@@ -11,7 +11,8 @@ from importlib import metadata
 from pathlib import Path
 
 SCHEMA_VERSION = 1
-_PACKAGES = ("torch", "transformers", "safetensors", "tokenizers", "gguf", "numpy", "llama-cpp-python")
+_PACKAGES = ("torch", "transformers", "safetensors", "tokenizers", "gguf", "numpy", "llama-cpp-python", "gptqmodel",
+             "optimum")
 
 
 def file_sha256(path: Path) -> str:
@@ -20,6 +21,15 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def artifact_digest(path: Path) -> tuple[int, str]:
+    """Size in bytes and sha256 of a file, or of a folder (over its files' relative paths and hashes)."""
+    if path.is_file():
+        return path.stat().st_size, file_sha256(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = "".join(f"{p.relative_to(path).as_posix()}\t{file_sha256(p)}\n" for p in files)
+    return sum(p.stat().st_size for p in files), hashlib.sha256(listing.encode()).hexdigest()
 
 
 def environment() -> dict:

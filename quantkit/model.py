@@ -7,7 +7,6 @@ one block in full precision.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -21,6 +20,7 @@ from safetensors import safe_open
 
 from quantkit.arch import ARCHITECTURES, Architecture, supported_names
 from quantkit.errors import QuantkitError
+from quantkit.manifest import file_sha256
 
 # Everything works from local paths: never let transformers reach for the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -157,14 +157,7 @@ class ModelSource:
         return sorted({t.file for t in self.tensors.values()})
 
     def weight_sha256(self) -> dict[str, str]:
-        out = {}
-        for file in self.weight_files:
-            h = hashlib.sha256()
-            with file.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            out[file.name] = h.hexdigest()
-        return out
+        return {file.name: file_sha256(file) for file in self.weight_files}
 
     # ---- tensors ----------------------------------------------------------------------------
     def load(self, name: str) -> torch.Tensor:
@@ -199,10 +192,15 @@ class ModelSource:
         except Exception as exc:
             raise QuantkitError(f"cannot load the tokenizer in {self.path} ({exc}); add tokenizer.json") from None
 
-    def hf_model(self, dtype: torch.dtype = torch.float32):
+    def hf_model(self, dtype: torch.dtype = torch.float32, progress: bool = False):
         """The whole unquantized model in transformers (used for reference logits)."""
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
+        if progress:
+            hf_logging.enable_progress_bar()
+        else:
+            hf_logging.disable_progress_bar()
         model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype)
         model.eval()
         return model

@@ -24,10 +24,11 @@ from quantkit.checks import MetricAccumulator, Metrics, gate_for, score
 from quantkit.data import TokenSamples, load_documents, make_samples
 from quantkit.errors import QuantkitError
 from quantkit.grids import Grid, QuantizedWeight
-from quantkit.manifest import environment, file_sha256, write_manifest
-from quantkit.methods import METHODS
+from quantkit.manifest import artifact_digest, environment, write_manifest
+from quantkit.methods import METHODS, Method, RoundToNearest
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, check_grid_fits, quantized_tensor_names
+from quantkit.sequential import quantize_sequential
 from quantkit.targets import ExportContext, Target, parse_target
 
 REJECTED_DIR = "rejected"
@@ -100,18 +101,18 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for item in sorted(tmp.iterdir()):
         dest = out / item.name
-        if dest.is_dir() and item.is_dir():
-            _move_into_place(item, dest)
+        if item.name == REJECTED_DIR and dest.is_dir():
+            _move_into_place(item, dest)  # keep other rejected artifacts of earlier runs
             item.rmdir()
             continue
         if dest.is_dir():
-            shutil.rmtree(dest)
+            shutil.rmtree(dest)  # an earlier run's folder artifact (only reached with --overwrite)
         item.replace(dest)
 
 
 def _reference_logprobs(source: ModelSource, samples: TokenSamples, log: _Log, progress: bool):
     log(f"reference: {source.arch.hf_class} in transformers (fp32) on {samples.n_tokens} tokens")
-    model = source.hf_model(torch.float32)
+    model = source.hf_model(torch.float32, progress)
     acc = MetricAccumulator()
     with torch.no_grad():
         for i, row in enumerate(tqdm(samples.ids, desc="reference", unit="seq", disable=not progress, leave=False)):
@@ -120,13 +121,41 @@ def _reference_logprobs(source: ModelSource, samples: TokenSamples, log: _Log, p
     return acc.logprobs, acc.result()
 
 
-def _make_quantizer(source: ModelSource, recipe: Recipe, stats: dict[str, LinearStats] | None):
-    method = METHODS[recipe.method]()
+class WeightQuantizer:
+    """Hands targets the recipe's quantized weights: ``quantizer(name, grid)``.
 
-    def quantize(name: str, grid: Grid) -> QuantizedWeight:
-        return method.quantize_weight(source.load(name), grid, stats.get(name) if stats else None)
+    Statistics for non-sequential methods are collected once per run and shared by every grid;
+    sequential methods (GPTQ) quantize the whole model layer by layer once per grid, and targets
+    sharing a grid share the result. Embedding and lm_head have no per-layer statistics under a
+    sequential method and are rounded to nearest.
+    """
 
-    return quantize
+    def __init__(self, source: ModelSource, method: Method, calib: TokenSamples | None, names: list[str],
+                 log: _Log, progress: bool):
+        self.source, self.method, self.calib, self.log, self.progress = source, method, calib, log, progress
+        self.block_names = [n for i in range(source.n_layers) for n in source.arch.linear_weights(i) if n in names]
+        self._stats: dict[str, LinearStats] | None = None
+        self._by_grid: dict[Grid, dict[str, QuantizedWeight]] = {}
+
+    def __call__(self, name: str, grid: Grid) -> QuantizedWeight:
+        if self.method.sequential:
+            if name not in self.block_names:
+                return RoundToNearest().quantize_weight(self.source.load(name), grid)
+            if grid not in self._by_grid:
+                self.log(f"{self.method.name} on {grid.name}: layer by layer over {self.calib.n_tokens} tokens")
+                model = self.source.hf_model(torch.float32, self.progress)
+                self._by_grid[grid] = quantize_sequential(model, self.source.arch, self.calib.ids, self.block_names,
+                                                          grid, self.method.quantize_weight, self.progress)
+            return self._by_grid[grid][name]
+        stats = self._statistics().get(name) if self.method.needs_statistics else None
+        return self.method.quantize_weight(self.source.load(name), grid, stats)
+
+    def _statistics(self) -> dict[str, LinearStats]:
+        if self._stats is None:
+            self.log(f"calibration statistics over {self.calib.n_tokens} tokens")
+            model = self.source.hf_model(torch.float32, self.progress)
+            self._stats = collect_statistics(model, self.calib, self.block_names, self.progress)
+        return self._stats
 
 
 def _tokenizer_texts(recipe: Recipe) -> list[str]:
@@ -187,15 +216,13 @@ def _run(source: ModelSource, recipe: Recipe, targets: list[Target], ctx: Export
     source.check_finite()
     tokenizer = source.tokenizer()
     samples = make_samples(tokenizer, recipe.eval, "eval", recipe.eval_samples, recipe.seq_len)
-    calibration = None
-    stats = None
-    if METHODS[recipe.method].needs_statistics:
+    method = METHODS[recipe.method].from_recipe(recipe)
+    calib, calibration = None, None
+    if method.needs_statistics:
         calib = make_samples(tokenizer, recipe.calib, "calib", recipe.calib_samples, recipe.seq_len)
         calibration = {"source": calib.source, "samples": calib.ids.shape[0], "seq_len": recipe.seq_len,
-                       "ids_sha256": calib.sha256}
-        log(f"calibration: {calib.n_tokens} tokens from {calib.source}")
-        stats = collect_statistics(source.hf_model(torch.float32), calib, ctx.quantized_names, progress)
-    ctx.quantize = _make_quantizer(source, recipe, stats)
+                       "tokens": calib.n_tokens, "ids_sha256": calib.sha256}
+    ctx.quantize = WeightQuantizer(source, method, calib, ctx.quantized_names, log, progress)
     reference, ref_metrics = _reference_logprobs(source, samples, log, progress)
     log(f"reference perplexity {ref_metrics.perplexity:.3f}")
 
@@ -246,11 +273,12 @@ def _ship_one(target: Target, ctx: ExportContext, tmp: Path, samples: TokenSampl
         relative = Path(REJECTED_DIR) / target.filename()
         path.replace(tmp / relative)
         path = tmp / relative
+    size, digest = artifact_digest(path)
     return ArtifactResult(
         target=target.name,
         path=relative.as_posix(),
-        bytes=path.stat().st_size,
-        sha256=file_sha256(path),
+        bytes=size,
+        sha256=digest,
         bits_per_weight=round(bpw, 4),
         runtime=target.runtime(),
         metrics=metrics.to_dict(),

@@ -17,6 +17,9 @@ class Recipe:
     bits: int = 4
     group_size: int = 128  # -1 per channel, 0 per tensor
     scheme: str = "sym"  # sym = absmax, asym = zero-point
+    damp_percent: float = 0.01  # GPTQ: Hessian damping, fraction of its mean diagonal
+    act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
+    static_groups: bool = False  # GPTQ: fit group parameters before the sweep
     quantize_embeddings: bool = False
     quantize_lm_head: bool = False
     exclude: list[str] = field(default_factory=list)  # glob patterns of tensor names kept unquantized
@@ -38,11 +41,15 @@ class Recipe:
             raise QuantkitError(f"--scheme {self.scheme!r} is unknown; use sym (absmax) or asym (zero-point)")
         if self.group_size < PER_CHANNEL:
             raise QuantkitError(f"--group-size {self.group_size} is invalid; use a positive size, -1 or 0")
+        if not 0 < self.damp_percent < 1:
+            raise QuantkitError(f"--damp-percent {self.damp_percent} is out of range; use a value in (0, 1)")
         if self.seq_len < 2 or self.calib_samples < 1 or self.eval_samples < 1:
             raise QuantkitError("--seq-len must be >= 2 and sample counts >= 1")
 
     def int_grid(self) -> IntGrid:
-        return IntGrid(bits=self.bits, group_size=self.group_size, symmetric=self.scheme == "sym")
+        """The integer grid of checkpoint formats: fp16 scales, zero points that GPTQ v1 can store."""
+        return IntGrid(bits=self.bits, group_size=self.group_size, symmetric=self.scheme == "sym",
+                       fp16_scales=True, min_zero=1)
 
     def gate_overrides(self) -> dict[str, float | None]:
         return {"max_ppl_increase_pct": self.max_ppl_increase_pct, "max_kld": self.max_kld,

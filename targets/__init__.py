@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from quantkit.errors import QuantkitError
 from quantkit.targets.base import ExportContext, Target
 from quantkit.targets.gguf import GGUFTarget
-
-from quantkit.errors import QuantkitError
 
 TARGETS: dict[str, type[Target]] = {GGUFTarget.kind: GGUFTarget}
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from quantkit.targets.base import ExportContext, Target
-from quantkit.targets.gguf_vocab import read_vocab
 from tqdm import tqdm
 
 from quantkit.errors import QuantkitError
 from quantkit.grids import GGUF_GRIDS, GGUFBlockGrid, Grid
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, check_grid_fits
+from quantkit.targets.base import ExportContext, Target
+from quantkit.targets.gguf_vocab import read_vocab
 
 GGMLType = gguf.GGMLQuantizationType
 FLOAT_TYPES = {"F32": GGMLType.F32, "F16": GGMLType.F16, "BF16": GGMLType.BF16}

@@ -8,12 +8,12 @@ import llama_cpp  # a required test dependency: the real GGUF runtime
 import numpy as np
 import pytest
 import torch
-from quantkit.targets import ExportContext, parse_target
 
 from quantkit.data import load_documents
 from quantkit.methods import RoundToNearest
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, quantized_tensor_names
+from quantkit.targets import ExportContext, parse_target
 
 LLAMA_FTYPES = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
                 "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",

@@ -42,6 +42,8 @@ class Grid(ABC):
     name: str
     bits: int
     group_size: int
+    # Formats whose blocks are consecutive weights (GGUF) cannot store act-order's column groups.
+    contiguous_groups_only: bool = False
 
     @abstractmethod
     def fit(self, w: torch.Tensor) -> QuantParams:
@@ -81,26 +83,36 @@ class Grid(ABC):
 
 @dataclass
 class QuantizedWeight:
-    """A quantized matrix: codes ``(rows, cols)`` and parameters ``(rows, cols // group, 1)``."""
+    """A quantized matrix: codes ``(rows, cols)`` and parameters ``(rows, n_groups, 1)``.
+
+    Groups are consecutive columns unless ``g_idx`` (the group of each column, as GPTQ's act-order
+    produces) is set.
+    """
 
     codes: torch.Tensor
     params: QuantParams
     grid: Grid
+    g_idx: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
     def grouped_codes(self) -> torch.Tensor:
+        if self.g_idx is not None:
+            raise ValueError("this weight's groups are not consecutive columns (act-order); use dequantize()")
         rows, cols = self.codes.shape
         n_groups = self.params.scale.shape[-2]
         return self.codes.view(rows, n_groups, cols // n_groups)
 
     def dequantize(self) -> torch.Tensor:
+        if self.g_idx is not None:
+            per_column = self.params.map(lambda t: t[:, self.g_idx, :])
+            return self.grid.decode(self.codes[..., None], per_column).squeeze(-1)
         return self.grid.decode(self.grouped_codes(), self.params).reshape(self.codes.shape)
 
     def permute_rows(self, order: torch.Tensor) -> QuantizedWeight:
         """The same weight with its output rows reordered (e.g. llama.cpp's rope layout)."""
         if self.params.scale.shape[0] == 1:  # per-tensor parameters apply to every row
-            return QuantizedWeight(self.codes[order], self.params, self.grid)
-        return QuantizedWeight(self.codes[order], self.params.map(lambda t: t[order]), self.grid)
+            return QuantizedWeight(self.codes[order], self.params, self.grid, self.g_idx)
+        return QuantizedWeight(self.codes[order], self.params.map(lambda t: t[order]), self.grid, self.g_idx)

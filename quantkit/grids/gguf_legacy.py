@@ -47,6 +47,7 @@ class GGUFBlockGrid(Grid):
     bits: int = 4
     group_size: int = BLOCK
     block_bytes: int = 18
+    contiguous_groups_only: bool = True
 
     def bits_per_weight(self) -> float:
         return self.block_bytes * 8 / BLOCK

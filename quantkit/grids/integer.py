@@ -20,6 +20,11 @@ class IntGrid(Grid):
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
+    # Checkpoint formats store scales in fp16: fitting on fp16-rounded scales makes the stored weight
+    # decode exactly as the in-memory one.
+    fp16_scales: bool = False
+    # GPTQ v1 checkpoints store zero - 1 in an unsigned field, so a zero point of 0 cannot be stored.
+    min_zero: int = 0
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -43,14 +48,18 @@ class IntGrid(Grid):
 
     def fit(self, w: torch.Tensor) -> QuantParams:
         if self.symmetric:
-            scale = w.abs().amax(dim=-1, keepdim=True) / self.qmax
-            return QuantParams(scale=torch.where(scale > 0, scale, torch.ones_like(scale)))
+            scale = self._storable(w.abs().amax(dim=-1, keepdim=True) / self.qmax)
+            return QuantParams(scale=scale)
         lo = w.amin(dim=-1, keepdim=True).clamp(max=0)
         hi = w.amax(dim=-1, keepdim=True).clamp(min=0)
-        scale = (hi - lo) / self.qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.round(-lo / scale).clamp(0, self.qmax)
+        scale = self._storable((hi - lo) / self.qmax)
+        zero = torch.round(-lo / scale).clamp(self.min_zero, self.qmax)
         return QuantParams(scale=scale, zero=zero)
+
+    def _storable(self, scale: torch.Tensor) -> torch.Tensor:
+        if self.fp16_scales:
+            scale = scale.clamp(max=65504.0).to(torch.float16).float()
+        return torch.where(scale > 0, scale, torch.ones_like(scale))
 
     def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
         q = torch.round(w / params.scale)

@@ -14,6 +14,13 @@ class Method(ABC):
     # Methods that need calibration statistics (GPTQ's Hessian, AWQ's activation scales) say so;
     # the pipeline then collects them once per run and hands them to every grid's quantization.
     needs_statistics: bool = False
+    # Sequential methods learn from the inputs each layer sees once earlier layers are quantized,
+    # so their statistics are gathered layer by layer, per grid (see quantkit.sequential).
+    sequential: bool = False
+
+    @classmethod
+    def from_recipe(cls, recipe) -> Method:
+        return cls()
 
     @abstractmethod
     def quantize_weight(self, weight: torch.Tensor, grid: Grid, stats: object | None = None) -> QuantizedWeight:

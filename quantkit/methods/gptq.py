@@ -1,0 +1,159 @@
+"""GPTQ: quantize columns one at a time and spread each column's rounding error over the columns
+not yet quantized, weighted by the inverse Hessian of the layer's inputs (Frantar et al., 2022).
+
+Works on any grid: the grid fits a group's parameters when the sweep reaches the group's first
+column (on weights already corrected for earlier errors) and rounds each column on them. With
+``static_groups`` the parameters are fitted on the original weights before the sweep.
+``act_order`` sweeps columns by decreasing Hessian diagonal; on grids whose groups must be
+consecutive columns (GGUF blocks) it implies static groups, elsewhere groups follow the sweep order
+and are recorded in ``g_idx``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.calibrate import LinearStats
+from quantkit.errors import QuantkitError
+from quantkit.grids import PER_TENSOR, Grid, QuantizedWeight, QuantParams
+from quantkit.methods.base import Method, grouped
+
+MAX_DAMP = 1.0  # retries multiply the damping by 10 up to this fraction of the mean diagonal
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    damp_percent: float = 0.01  # damping added to the Hessian diagonal, as a fraction of its mean
+    block_size: int = 128  # columns updated eagerly before a lazy batch update of the rest
+    act_order: bool = False
+    static_groups: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damp_percent < 1:
+            raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+
+
+class CholeskyRetryWarning(UserWarning):
+    """The Hessian needed more damping than asked for."""
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of the damped inverse Hessian; retries with 10x damping on failure."""
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    mean_diag = torch.diagonal(hessian).mean()
+    damp = damp_percent
+    while damp <= MAX_DAMP:
+        try:
+            lower = torch.linalg.cholesky(hessian + damp * mean_diag * eye)
+            factor = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+        except torch.linalg.LinAlgError:
+            damp *= 10
+            continue
+        if damp != damp_percent:
+            warnings.warn(f"GPTQ: Cholesky failed with damping {damp_percent:g}; succeeded with {damp:g}",
+                          CholeskyRetryWarning, stacklevel=3)
+        return factor, damp
+    raise QuantkitError(f"GPTQ: the Hessian is not positive definite even with damping {MAX_DAMP:g}; "
+                        "use more calibration samples or round-to-nearest")
+
+
+def _block_columns(group: int, block_size: int, cols: int) -> int:
+    """A block size that keeps every group inside one block or every block inside one group."""
+    if group >= cols or group % block_size == 0 or block_size % group == 0:
+        return block_size
+    return group
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, config: GPTQConfig) -> QuantizedWeight:
+    """GPTQ on ``grid``; ``hessian`` is ``X^T X`` of the layer's inputs (any positive scale)."""
+    w = weight.clone().float()
+    h = hessian.clone().float()
+    rows, cols = w.shape
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    group = grid.group_for(cols)
+    n_groups = cols // group
+    static = config.static_groups or grid.group_size == PER_TENSOR
+    if config.act_order and grid.contiguous_groups_only:
+        static = True
+    static_params = _static_params(w, grid) if static else None
+
+    order = torch.argsort(torch.diagonal(h), descending=True) if config.act_order else torch.arange(cols)
+    w, h = w[:, order], h[order][:, order]
+    u, _ = inverse_hessian_factor(h, config.damp_percent)
+
+    codes = torch.zeros(rows, cols, dtype=torch.int32)
+    fitted: list[QuantParams | None] = [None] * n_groups
+    sweep_groups = not static and config.act_order and n_groups > 1  # groups follow the sweep: g_idx
+    block = _block_columns(group, config.block_size, cols)
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        w_block = w[:, start:end].clone()
+        err_block = torch.zeros_like(w_block)
+        u_block = u[start:end, start:end]
+        for i in range(end - start):
+            col = start + i
+            g = col // group if sweep_groups or not static else int(order[col]) // group
+            if static:
+                params = static_params[g]
+            else:
+                if col % group == 0:
+                    source = w_block[:, i : i + group] if group <= block else w[:, col : col + group]
+                    fitted[g] = _without_inverse(grid.fit(source))
+                params = fitted[g]
+            column = w_block[:, i : i + 1]
+            q = grid.encode(column, params)
+            codes[:, col] = q[:, 0]
+            err = (column - grid.decode(q, params)) / u_block[i, i]
+            w_block[:, i:] -= err * u_block[i : i + 1, i:]
+            err_block[:, i : i + 1] = err
+        w[:, end:] -= err_block @ u[start:end, end:]
+
+    inverse = torch.argsort(order)
+    params = static_params if static else fitted
+    stacked = QuantParams(*(None if getattr(params[0], f) is None else
+                            torch.stack([getattr(p, f) for p in params], dim=1)
+                            for f in ("scale", "zero", "minimum", "inv_scale")))
+    g_idx = (torch.arange(cols) // group)[inverse] if sweep_groups else None
+    return QuantizedWeight(codes=codes[:, inverse], params=stacked, grid=grid, g_idx=g_idx)
+
+
+def _without_inverse(params: QuantParams) -> QuantParams:
+    """Round on the stored (e.g. fp16) scale: GPTQ's error feedback must see the decoded value."""
+    return QuantParams(params.scale, params.zero, params.minimum, None)
+
+
+def _static_params(w: torch.Tensor, grid: Grid) -> list[QuantParams]:
+    """Parameters of each consecutive group, fitted on the original weights; each ``(rows, 1)``."""
+    fitted = _without_inverse(grid.fit(grouped(w, grid)))  # (rows | 1, n_groups, 1)
+    n_groups = fitted.scale.shape[1]
+    return [fitted.map(lambda t, g=g: t[:, g]) for g in range(n_groups)]
+
+
+class GPTQ(Method):
+    name = "gptq"
+    needs_statistics = True
+    sequential = True
+
+    def __init__(self, config: GPTQConfig | None = None):
+        self.config = config or GPTQConfig()
+
+    @classmethod
+    def from_recipe(cls, recipe) -> GPTQ:
+        return cls(GPTQConfig(damp_percent=recipe.damp_percent, act_order=recipe.act_order,
+                              static_groups=recipe.static_groups))
+
+    def quantize_weight(self, weight: torch.Tensor, grid: Grid, stats: object | None = None) -> QuantizedWeight:
+        if not isinstance(stats, LinearStats):
+            raise QuantkitError("GPTQ needs calibration statistics for every quantized linear")
+        reason = grid.check_shape("weight", tuple(weight.shape))
+        if reason:
+            raise ValueError(reason)
+        return gptq_quantize(weight, stats.gram, grid, self.config)

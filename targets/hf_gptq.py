@@ -1,0 +1,157 @@
+"""Hugging Face GPTQ (v1) checkpoints, as transformers (with gptqmodel + optimum) and vLLM load them.
+
+The folder is the source checkpoint's with each quantized linear's ``weight`` replaced by
+``qweight`` / ``qzeros`` / ``scales`` / ``g_idx`` (see quantkit.packing), other tensors in fp16,
+``quantization_config`` in config.json, and the tokenizer and generation config copied. It is
+checked by loading it with transformers and scoring the logits of that model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from quantkit.errors import QuantkitError
+from quantkit.grids import PER_TENSOR, Grid, IntGrid, QuantizedWeight
+from quantkit.packing import pack_along_columns, pack_along_rows
+from quantkit.recipe import Recipe
+from quantkit.targets.base import ExportContext, Target
+
+WEIGHTS = "model.safetensors"
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                "generation_config.json", "chat_template.jinja")
+PACKABLE_BITS = (2, 4, 8)
+
+
+def unsigned_codes_and_zeros(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes shifted to [0, 2^b) and integer zero points ``(rows, groups)`` for an IntGrid weight."""
+    grid = qw.grid
+    if grid.symmetric:
+        offset = 2 ** (grid.bits - 1)
+        zeros = torch.full(qw.params.scale.shape[:2], offset, dtype=torch.int32)
+        return qw.codes + offset, zeros
+    return qw.codes, qw.params.zero[..., 0].to(torch.int32)
+
+
+def gptq_tensors(qw: QuantizedWeight, group_size: int) -> dict[str, torch.Tensor]:
+    """qweight, qzeros, scales and g_idx of one linear in the GPTQ v1 layout."""
+    rows, cols = qw.shape
+    codes, zeros = unsigned_codes_and_zeros(qw)
+    if qw.g_idx is not None:
+        g_idx = qw.g_idx.to(torch.int32)
+    else:
+        group = cols if group_size <= 0 else group_size
+        g_idx = (torch.arange(cols) // group).to(torch.int32)
+    bits = qw.grid.bits
+    return {
+        "qweight": pack_along_rows(codes.T.contiguous(), bits),
+        "qzeros": pack_along_columns((zeros - 1).T.contiguous(), bits),
+        "scales": qw.params.scale[..., 0].T.contiguous().to(torch.float16),
+        "g_idx": g_idx,
+    }
+
+
+def copy_model_files(source_dir: Path, dest: Path) -> None:
+    for name in COPIED_FILES:
+        if (source_dir / name).is_file():
+            shutil.copy(source_dir / name, dest / name)
+
+
+def hf_logits(path: Path, ids: torch.Tensor, progress: bool) -> Iterator[np.ndarray]:
+    """Logits from the checkpoint folder loaded by transformers with its own quantization backend."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float16)
+    except ImportError as exc:
+        raise QuantkitError(f"transformers cannot load {path.name} ({exc}); pip install 'quantkit[gpu-formats]'") \
+            from None
+    model.eval()
+    with torch.no_grad():
+        for row in tqdm(ids, desc=f"transformers {path.name}", unit="seq", disable=not progress, leave=False):
+            yield model(input_ids=row[None]).logits[0].float().numpy()
+
+
+class HFGPTQTarget(Target):
+    kind = "hf-gptq"
+
+    def __init__(self, option: str | None):
+        if option:
+            raise QuantkitError(f"hf-gptq takes no option (got {option!r}); set the grid with --bits/--group-size")
+        super().__init__(None)
+
+    def grid(self, recipe: Recipe) -> Grid:
+        return recipe.int_grid()
+
+    def bits_per_weight(self, recipe: Recipe) -> float:
+        return self.grid(recipe).bits_per_weight()
+
+    def filename(self) -> str:
+        return "hf-gptq"
+
+    def runtime(self) -> dict:
+        from importlib import metadata
+
+        versions = {}
+        for package in ("transformers", "gptqmodel", "optimum"):
+            try:
+                versions[package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                versions[package] = None
+        return {"name": "transformers + gptqmodel", "version": versions}
+
+    def validate(self, ctx: ExportContext) -> None:
+        grid = self.grid(ctx.recipe)
+        if grid.bits not in PACKABLE_BITS:
+            raise QuantkitError(f"hf-gptq stores {', '.join(map(str, PACKABLE_BITS))}-bit weights; "
+                                f"--bits {grid.bits} cannot be packed (use a GGUF target or 4 bits)")
+        if grid.group_size == PER_TENSOR:
+            raise QuantkitError("hf-gptq has no per-tensor scales; use --group-size -1 (per channel) or a group size")
+        if ctx.recipe.quantize_embeddings:
+            raise QuantkitError("hf-gptq cannot store a quantized token embedding; drop --quantize-embeddings")
+
+    def export(self, ctx: ExportContext, path: Path) -> None:
+        grid: IntGrid = self.grid(ctx.recipe)
+        source = ctx.source
+        quantized = set(ctx.quantized_names)
+        path.mkdir()
+        tensors: dict[str, torch.Tensor] = {}
+        for name in tqdm(sorted(source.tensors), desc="write hf-gptq", unit="tensor", disable=not ctx.progress,
+                         leave=False):
+            if name in quantized:
+                prefix = name.removesuffix(".weight")
+                packed = gptq_tensors(ctx.quantize(name, grid), grid.group_size)
+                tensors.update({f"{prefix}.{key}": value for key, value in packed.items()})
+            else:
+                tensors[name] = source.load(name).to(torch.float16)
+        save_file(tensors, path / WEIGHTS, metadata={"format": "pt"})
+        config = dict(source.config)
+        config["dtype"] = "float16"
+        config.pop("torch_dtype", None)
+        config["quantization_config"] = {
+            "quant_method": "gptq",
+            "bits": grid.bits,
+            "group_size": grid.group_size,
+            "desc_act": bool(ctx.recipe.act_order and ctx.recipe.method == "gptq"),
+            "sym": grid.symmetric,
+            "damp_percent": ctx.recipe.damp_percent,
+            "true_sequential": True,
+            "static_groups": bool(ctx.recipe.static_groups),
+            "checkpoint_format": "gptq",
+            "pack_dtype": "int32",
+            "lm_head": ctx.source.arch.lm_head in quantized,
+        }
+        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_model_files(source.path, path)
+
+    def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:
+        return hf_logits(path, ids, progress)
