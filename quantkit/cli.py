@@ -52,7 +52,8 @@ def _add_ship(sub) -> None:
                    help="replace artifacts and manifest.json of an earlier run in --out (other files are kept)")
     q = p.add_argument_group("quantization")
     q.add_argument("--method", default="rtn",
-                   help="rtn (round-to-nearest) or gptq (error-compensating, uses calibration text; default: rtn)")
+                   help="rtn (round-to-nearest), gptq (error-compensating) or awq (activation-aware scaling); "
+                   "gptq and awq learn from --calib text (default: rtn)")
     q.add_argument("--bits", type=int, default=4, help="bits per weight of the integer grid, 2-8 (default: 4)")
     q.add_argument("--group-size", type=int, default=128,
                    help="weights per group along a row; -1 per channel, 0 per tensor (default: 128)")

@@ -28,7 +28,7 @@ from quantkit.manifest import artifact_digest, environment, write_manifest
 from quantkit.methods import METHODS, Method, RoundToNearest
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, check_grid_fits, quantized_tensor_names
-from quantkit.sequential import quantize_sequential
+from quantkit.sequential import SequentialResult, quantize_sequential
 from quantkit.targets import ExportContext, Target, parse_target
 
 REJECTED_DIR = "rejected"
@@ -135,20 +135,32 @@ class WeightQuantizer:
         self.source, self.method, self.calib, self.log, self.progress = source, method, calib, log, progress
         self.block_names = [n for i in range(source.n_layers) for n in source.arch.linear_weights(i) if n in names]
         self._stats: dict[str, LinearStats] | None = None
-        self._by_grid: dict[Grid, dict[str, QuantizedWeight]] = {}
+        self._by_grid: dict[Grid, SequentialResult] = {}
 
     def __call__(self, name: str, grid: Grid) -> QuantizedWeight:
         if self.method.sequential:
             if name not in self.block_names:
                 return RoundToNearest().quantize_weight(self.source.load(name), grid)
-            if grid not in self._by_grid:
-                self.log(f"{self.method.name} on {grid.name}: layer by layer over {self.calib.n_tokens} tokens")
-                model = self.source.hf_model(torch.float32, self.progress)
-                self._by_grid[grid] = quantize_sequential(model, self.source.arch, self.calib.ids, self.block_names,
-                                                          grid, self.method.quantize_weight, self.progress)
-            return self._by_grid[grid][name]
+            return self._sequential(grid).quantized[name]
         stats = self._statistics().get(name) if self.method.needs_statistics else None
         return self.method.quantize_weight(self.source.load(name), grid, stats)
+
+    def load(self, name: str, grid: Grid | None) -> torch.Tensor:
+        """A float tensor as the artifact for ``grid`` must hold it (AWQ rescales norms per grid)."""
+        if grid is not None and self.method.sequential:
+            replaced = self._sequential(grid).replaced.get(name)
+            if replaced is not None:
+                return replaced.float()
+        return self.source.load(name)
+
+    def _sequential(self, grid: Grid) -> SequentialResult:
+        if grid not in self._by_grid:
+            self.log(f"{self.method.name} on {grid.name}: layer by layer over {self.calib.n_tokens} tokens")
+            model = self.source.hf_model(torch.float32, self.progress)
+            self._by_grid[grid] = quantize_sequential(model, self.source.arch, self.calib.ids, self.block_names,
+                                                      grid, self.method.quantize_block, self.progress,
+                                                      label=self.method.name)
+        return self._by_grid[grid]
 
     def _statistics(self) -> dict[str, LinearStats]:
         if self._stats is None:

@@ -1,15 +1,16 @@
-"""Layer-by-layer quantization for methods that learn from activations (GPTQ).
+"""Layer-by-layer quantization for methods that learn from activations (GPTQ, AWQ).
 
-capture the first block's inputs -> for each block: for each group of linears that read the same
-input, in execution order: collect input statistics with hooks, quantize, write the dequantized
-weights back -> re-run the block to produce the next block's inputs. Later layers therefore see
-the error of earlier ones. Which modules exist and in what order comes from the architecture's data.
+capture the first block's inputs -> for each block: the method quantizes the block's linears from
+the inputs that block actually receives (and may rescale float tensors, as AWQ does) -> re-run the
+block with its quantized weights to produce the next block's inputs. Later layers therefore see the
+error of earlier ones. Which modules exist and in what order comes from the architecture's data.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,19 +20,44 @@ from quantkit.arch import Architecture
 from quantkit.calibrate import LinearStats
 from quantkit.grids import Grid, QuantizedWeight
 
+BlockInputs = list[tuple[tuple, dict]]  # the (args, kwargs) of one block call per calibration row
+
 
 class _StopForward(Exception):
     """Raised by the capture hook once the first block's inputs are recorded."""
 
 
-def _block_output(out) -> torch.Tensor:
+@dataclass
+class BlockJob:
+    """One block to quantize: the module, its tensor-name prefix, and what the method needs."""
+
+    block: nn.Module
+    prefix: str  # e.g. "model.layers.3."
+    arch: Architecture
+    members: list[str]  # block-relative names of the linears to quantize, in execution order
+    inputs: BlockInputs
+    grid: Grid
+
+    @torch.no_grad()
+    def run(self) -> list[torch.Tensor]:
+        return [block_output(self.block(*args, **kwargs)) for args, kwargs in self.inputs]
+
+
+@dataclass
+class SequentialResult:
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    # Float tensors the method rescaled (AWQ folds scales into norms): full name -> new value.
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Tensor) -> list[tuple[tuple, dict]]:
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Tensor) -> BlockInputs:
     """Positional and keyword arguments the first block receives, one entry per calibration row."""
-    captured: list[tuple[tuple, dict]] = []
+    captured: BlockInputs = []
 
     def hook(_module, args, kwargs):
         captured.append((args, kwargs))
@@ -48,7 +74,8 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Te
 
 
 @torch.no_grad()
-def _group_statistics(block: nn.Module, names: list[str], inputs: list[tuple[tuple, dict]]) -> dict[str, LinearStats]:
+def linear_input_statistics(block: nn.Module, names: list[str], inputs: BlockInputs) -> dict[str, LinearStats]:
+    """``X^T X`` of each named linear's input over one pass of the block."""
     stats: dict[str, LinearStats] = {}
     handles = []
     for name in names:
@@ -68,25 +95,47 @@ QuantizeFn = Callable[[torch.Tensor, Grid, LinearStats], QuantizedWeight]
 
 
 @torch.no_grad()
+def quantize_linear_by_linear(job: BlockJob, quantize: QuantizeFn) -> dict[str, QuantizedWeight]:
+    """Per-linear methods (GPTQ): for each group of linears reading the same input, in execution
+    order, collect statistics (after the previous groups were quantized), quantize, write back."""
+    results = {}
+    for group in job.arch.linear_groups:
+        members = [n for n in group if n in job.members]
+        if not members:
+            continue
+        stats = linear_input_statistics(job.block, members, job.inputs)
+        for name in members:
+            module = job.block.get_submodule(name)
+            qw = quantize(module.weight.detach().float(), job.grid, stats[name])
+            module.weight.copy_(qw.dequantize().to(module.weight.dtype))
+            results[name] = qw
+    return results
+
+
+BlockFn = Callable[[BlockJob], SequentialResult]
+
+
+@torch.no_grad()
 def quantize_sequential(model: nn.Module, arch: Architecture, calib_ids: torch.Tensor, names: Iterable[str],
-                        grid: Grid, quantize: QuantizeFn, progress: bool = False) -> dict[str, QuantizedWeight]:
-    """Quantize the block linears listed in ``names`` on ``grid``; ``model`` is modified in place."""
+                        grid: Grid, quantize_block: BlockFn, progress: bool = False,
+                        label: str = "quantize") -> SequentialResult:
+    """Quantize the block linears listed in ``names`` on ``grid``; ``model`` is modified in place.
+
+    ``quantize_block`` gets each block with the inputs it receives from the already-quantized blocks
+    before it, must leave the block holding its dequantized weights, and returns block-relative names.
+    """
     wanted = set(names)
     blocks = model.get_submodule(arch.blocks_module)
     inputs = capture_block_inputs(model, blocks[0], calib_ids)
-    results: dict[str, QuantizedWeight] = {}
-    for index, block in enumerate(tqdm(blocks, desc=f"gptq {grid.name}", unit="block", disable=not progress,
+    result = SequentialResult()
+    for index, block in enumerate(tqdm(blocks, desc=f"{label} {grid.name}", unit="block", disable=not progress,
                                        leave=False)):
         prefix = arch.block(index)
-        for group in arch.linear_groups:
-            members = [n for n in group if f"{prefix}{n}.weight" in wanted]
-            if not members:
-                continue
-            stats = _group_statistics(block, members, inputs)
-            for name in members:
-                module = block.get_submodule(name)
-                qw = quantize(module.weight.detach().float(), grid, stats[name])
-                module.weight.copy_(qw.dequantize().to(module.weight.dtype))
-                results[f"{prefix}{name}.weight"] = qw
-        inputs = [((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
-    return results
+        members = [n for n in arch.linears if f"{prefix}{n}.weight" in wanted]
+        job = BlockJob(block, prefix, arch, members, inputs, grid)
+        block_result = quantize_block(job)
+        result.quantized.update({f"{prefix}{n}.weight": qw for n, qw in block_result.quantized.items()})
+        result.replaced.update({f"{prefix}{n}": t for n, t in block_result.replaced.items()})
+        outputs = job.run()
+        inputs = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, inputs, strict=True)]
+    return result

@@ -24,6 +24,11 @@ class ExportContext:
     quantize: Callable[[str, Grid], QuantizedWeight]
     progress: bool = True
 
+    def load(self, name: str, grid: Grid | None) -> torch.Tensor:
+        """A float tensor of the artifact for ``grid``: the source's, or the method's rescaled one."""
+        loader = getattr(self.quantize, "load", None)
+        return loader(name, grid) if loader else self.source.load(name)
+
 
 class Target(ABC):
     kind: str

@@ -163,7 +163,7 @@ class GGUFTarget(Target):
             if t.rope_heads:
                 qw = qw.permute_rows(rope_row_order(t.shape[0], t.rope_heads))
             return t.grid.to_bytes(qw)
-        weight = ctx.source.load(t.hf_name)
+        weight = ctx.load(t.hf_name, GGUF_GRIDS.get(self.type_name))
         if t.rope_heads:
             weight = weight[rope_row_order(t.shape[0], t.rope_heads)]
         if t.ggml_type == GGMLType.F32:

@@ -132,7 +132,7 @@ class HFGPTQTarget(Target):
                 packed = gptq_tensors(ctx.quantize(name, grid), grid.group_size)
                 tensors.update({f"{prefix}.{key}": value for key, value in packed.items()})
             else:
-                tensors[name] = source.load(name).to(torch.float16)
+                tensors[name] = ctx.load(name, grid).to(torch.float16)
         save_file(tensors, path / WEIGHTS, metadata={"format": "pt"})
         config = dict(source.config)
         config["dtype"] = "float16"

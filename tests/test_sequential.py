@@ -17,12 +17,14 @@ def test_statistics_see_quantized_predecessors(tiny_models):
     grid = IntGrid(bits=2, group_size=32, symmetric=False)  # coarse, so quantization visibly moves activations
     seen = {}
 
-    def recording_rtn(weight, grid, stats):
+    def recording_rtn(weight, grid, stats=None):
         seen[len(seen)] = stats
         return RoundToNearest().quantize_weight(weight, grid)
 
     model = src.hf_model()
-    results = quantize_sequential(model, src.arch, samples.ids, names, grid, recording_rtn)
+    method = RoundToNearest()
+    method.quantize_weight = recording_rtn  # a per-linear method that records what it was given
+    results = quantize_sequential(model, src.arch, samples.ids, names, grid, method.quantize_block).quantized
     assert list(results) == names  # execution order: q, k, v, o, gate, up, down per block
     # the model now holds the dequantized weights; a plain pass over it reproduces the statistics
     # each linear saw during the sequential run (block 1 sees quantized block 0, o_proj sees quantized q/k/v)

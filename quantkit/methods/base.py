@@ -22,6 +22,12 @@ class Method(ABC):
     def from_recipe(cls, recipe) -> Method:
         return cls()
 
+    def quantize_block(self, job):
+        """Quantize one block (sequential methods). Default: linear by linear, in execution order."""
+        from quantkit.sequential import SequentialResult, quantize_linear_by_linear
+
+        return SequentialResult(quantized=quantize_linear_by_linear(job, self.quantize_weight))
+
     @abstractmethod
     def quantize_weight(self, weight: torch.Tensor, grid: Grid, stats: object | None = None) -> QuantizedWeight:
         """Quantize one ``(out_features, in_features)`` matrix on ``grid``."""

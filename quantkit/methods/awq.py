@@ -1,0 +1,195 @@
+"""AWQ: activation-aware scaling (Lin et al., 2023), on any grid.
+
+Per block, for each fold point of the architecture (a norm or linear whose output feeds a set of
+linears): measure the mean magnitude of every input channel, try scales s = magnitude^alpha for
+``n_grid`` values of alpha in [0, 1), fake-quantize the consumers as Q(W * s) / s, and keep the alpha
+whose block output is closest to the unquantized block's. The chosen s is folded away exactly:
+the producer's output is divided by s and the consumers' inputs multiplied by s. Then each linear's
+clipping range is searched per group, and the weights are rounded on the grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantkit.grids import PER_TENSOR, Grid, QuantizedWeight, QuantParams
+from quantkit.methods.base import Method, grouped
+from quantkit.methods.rtn import RoundToNearest
+from quantkit.sequential import BlockJob, SequentialResult, block_output
+
+CLIP_TOKENS = 512  # tokens used to score clipping ratios (the search is per group and output row)
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    n_grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5  # smallest clipping range tried: (1 - max_shrink) x the group's range
+
+    def __post_init__(self) -> None:
+        if self.n_grid < 1 or self.clip_grid < 1 or not 0 <= self.max_shrink < 1:
+            raise ValueError("n_grid and clip_grid must be >= 1 and max_shrink in [0, 1)")
+
+
+def fake_quantize(weight: torch.Tensor, grid: Grid) -> torch.Tensor:
+    return RoundToNearest().quantize_weight(weight, grid).dequantize()
+
+
+@torch.no_grad()
+def _mean_abs_input(block: nn.Module, consumer: str, job: BlockJob) -> torch.Tensor:
+    module = block.get_submodule(consumer)
+    total = torch.zeros(module.in_features, dtype=torch.float64)
+    count = [0]
+
+    def hook(_m, args, _out):
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        total.add_(x.abs().sum(0))
+        count[0] += x.shape[0]
+
+    handle = module.register_forward_hook(hook)
+    try:
+        job.run()
+    finally:
+        handle.remove()
+    return (total / max(count[0], 1)).float()
+
+
+def _block_error(job: BlockJob, reference: list[torch.Tensor]) -> float:
+    return sum(float(((out - ref) ** 2).mean()) for out, ref in zip(job.run(), reference, strict=True))
+
+
+def _scale_producer(module: nn.Module, s: torch.Tensor) -> None:
+    """Divide the producer's output channels by s (a norm's weight, or a linear's rows and bias)."""
+    if isinstance(module, nn.Linear):
+        module.weight.div_(s[:, None])
+        if module.bias is not None:
+            module.bias.div_(s)
+    else:
+        module.weight.div_(s)
+
+
+@torch.no_grad()
+def search_scale(job: BlockJob, consumers: list[str], quantized: list[str], reference: list[torch.Tensor],
+                 n_grid: int) -> torch.Tensor:
+    """The per-channel scale (from alpha in [0, 1)) whose fake-quantized block output errs least."""
+    magnitude = _mean_abs_input(job.block, consumers[0], job).clamp(min=1e-5)
+    originals = {name: job.block.get_submodule(name).weight.detach().clone() for name in quantized}
+    best, best_err = torch.ones_like(magnitude), float("inf")
+    try:
+        for step in range(n_grid):
+            s = magnitude.pow(step / n_grid)
+            s = s / (s.max() * s.min()).sqrt()
+            for name, w in originals.items():
+                job.block.get_submodule(name).weight.copy_(fake_quantize(w * s, job.grid) / s)
+            err = _block_error(job, reference)
+            if err < best_err:
+                best, best_err = s, err
+    finally:
+        for name, w in originals.items():
+            job.block.get_submodule(name).weight.copy_(w)
+    return best
+
+
+def _fold(job: BlockJob, producer: str, consumers: list[str], s: torch.Tensor) -> None:
+    _scale_producer(job.block.get_submodule(producer), s)
+    for name in consumers:
+        job.block.get_submodule(name).weight.mul_(s)
+
+
+def _fold_applies(block: nn.Module, producer: str, consumers: list[str]) -> bool:
+    """A linear producer must emit exactly the consumers' inputs (not so for v_proj -> o_proj with GQA)."""
+    module = block.get_submodule(producer)
+    width = block.get_submodule(consumers[0]).in_features
+    if isinstance(module, nn.Linear):
+        return module.out_features == width
+    return getattr(module, "weight", None) is not None and module.weight.shape == (width,)
+
+
+@torch.no_grad()
+def clipped_params(weight: torch.Tensor, x: torch.Tensor, grid: Grid, config: AWQConfig) -> QuantParams:
+    """Per (row, group) clipping ratio minimising ||x (w - Q(w))^T||^2; returns the grid's parameters."""
+    groups = grouped(weight, grid)  # (rows, n_groups, g)
+    xg = x.reshape(x.shape[0], groups.shape[1], groups.shape[2]).transpose(0, 1)  # (n_groups, tokens, g)
+    best_err = torch.full(groups.shape[:2], float("inf"))
+    best: QuantParams | None = None
+    for step in range(config.clip_grid):
+        ratio = 1.0 - config.max_shrink * step / config.clip_grid
+        params = grid.fit(groups * ratio)
+        deq = grid.decode(grid.encode(groups, params), params)
+        err = (torch.einsum("ntg,rng->rnt", xg, groups - deq) ** 2).sum(-1)  # (rows, n_groups)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        if best is None:
+            best = params
+        else:
+            best = QuantParams(*(None if a is None else torch.where(better[..., None], b, a)
+                                 for a, b in zip(_fields(best), _fields(params), strict=True)))
+    return best
+
+
+def _fields(p: QuantParams) -> tuple:
+    return (p.scale, p.zero, p.minimum, p.inv_scale)
+
+
+class AWQ(Method):
+    name = "awq"
+    needs_statistics = True
+    sequential = True
+
+    def __init__(self, config: AWQConfig | None = None):
+        self.config = config or AWQConfig()
+
+    def quantize_weight(self, weight: torch.Tensor, grid: Grid, stats: object | None = None) -> QuantizedWeight:
+        """Rounding on the grid after scaling; the scale search itself needs a block (quantize_block)."""
+        return RoundToNearest().quantize_weight(weight, grid)
+
+    @torch.no_grad()
+    def quantize_block(self, job: BlockJob) -> SequentialResult:
+        result = SequentialResult()
+        reference = job.run()
+        for fold in job.arch.fold_points:
+            consumers = list(fold.consumers)
+            quantized = [c for c in consumers if c in job.members]
+            if not quantized or not _fold_applies(job.block, fold.producer, consumers):
+                continue
+            s = search_scale(job, consumers, quantized, reference, self.config.n_grid)
+            _fold(job, fold.producer, consumers, s)
+            if fold.producer not in job.members:  # a norm: its rescaled weight goes into the artifact
+                result.replaced[f"{fold.producer}.weight"] = job.block.get_submodule(fold.producer).weight.clone()
+        inputs = _capture_inputs(job) if self.config.clip and job.grid.group_size != PER_TENSOR else {}
+        for name in job.members:
+            module = job.block.get_submodule(name)
+            weight = module.weight.detach().float()
+            if self.config.clip and job.grid.group_size != PER_TENSOR:
+                params = clipped_params(weight, inputs[name], job.grid, self.config)
+                groups = grouped(weight, job.grid)
+                codes = job.grid.encode(groups, params).reshape(weight.shape)
+                qw = QuantizedWeight(codes=codes, params=params, grid=job.grid)
+            else:
+                qw = self.quantize_weight(weight, job.grid)
+            module.weight.copy_(qw.dequantize().to(module.weight.dtype))
+            result.quantized[name] = qw
+        return result
+
+
+@torch.no_grad()
+def _capture_inputs(job: BlockJob) -> dict[str, torch.Tensor]:
+    """Up to CLIP_TOKENS input rows of every quantized linear, from one pass of the block."""
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in job.members}
+    handles = []
+    for name in job.members:
+        def hook(_m, args, _out, name=name):
+            if sum(t.shape[0] for t in captured[name]) < CLIP_TOKENS:
+                captured[name].append(args[0].reshape(-1, args[0].shape[-1]).float())
+        handles.append(job.block.get_submodule(name).register_forward_hook(hook))
+    try:
+        for args, kwargs in job.inputs:
+            block_output(job.block(*args, **kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(rows)[:CLIP_TOKENS] for name, rows in captured.items()}
