@@ -5,8 +5,10 @@ from __future__ import annotations
 from quantkit.errors import QuantkitError
 from quantkit.targets.base import ExportContext, Target
 from quantkit.targets.gguf import GGUFTarget
+from quantkit.targets.hf_awq import HFAWQTarget
+from quantkit.targets.hf_gptq import HFGPTQTarget
 
-TARGETS: dict[str, type[Target]] = {GGUFTarget.kind: GGUFTarget}
+TARGETS: dict[str, type[Target]] = {t.kind: t for t in (GGUFTarget, HFGPTQTarget, HFAWQTarget)}
 
 
 def parse_target(spec: str) -> Target:

@@ -9,8 +9,9 @@ checked by loading it with transformers and scoring the logits of that model.
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,31 @@ def gptq_tensors(qw: QuantizedWeight, group_size: int) -> dict[str, torch.Tensor
     }
 
 
+def write_quantized_checkpoint(ctx: ExportContext, path: Path, grid: IntGrid,
+                               pack: Callable[[QuantizedWeight], dict[str, torch.Tensor]],
+                               quantization_config: dict) -> None:
+    """An HF folder: quantized linears packed by ``pack``, every other tensor in fp16 (as the
+    method left it: AWQ rescales norms), config with ``quantization_config``, tokenizer copied."""
+    source = ctx.source
+    quantized = set(ctx.quantized_names)
+    path.mkdir()
+    tensors: dict[str, torch.Tensor] = {}
+    for name in tqdm(sorted(source.tensors), desc=f"write {path.name}", unit="tensor", disable=not ctx.progress,
+                     leave=False):
+        if name in quantized:
+            prefix = name.removesuffix(".weight")
+            tensors.update({f"{prefix}.{key}": value for key, value in pack(ctx.quantize(name, grid)).items()})
+        else:
+            tensors[name] = ctx.load(name, grid).to(torch.float16)
+    save_file(tensors, path / WEIGHTS, metadata={"format": "pt"})
+    config = dict(source.config)
+    config.pop("torch_dtype", None)
+    config["dtype"] = "float16"
+    config["quantization_config"] = quantization_config
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copy_model_files(source.path, path)
+
+
 def copy_model_files(source_dir: Path, dest: Path) -> None:
     for name in COPIED_FILES:
         if (source_dir / name).is_file():
@@ -69,12 +95,13 @@ def hf_logits(path: Path, ids: torch.Tensor, progress: bool) -> Iterator[np.ndar
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float16)
+        # fp32 activations: what a CPU deployment runs; the packed weights are decoded by the backend
+        model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32)
     except ImportError as exc:
-        raise QuantkitError(f"transformers cannot load {path.name} ({exc}); pip install 'quantkit[gpu-formats]'") \
-            from None
+        raise QuantkitError(f"transformers cannot load {path.name} ({exc}); pip install 'quantkit[hf]'") from None
     model.eval()
     with torch.no_grad():
         for row in tqdm(ids, desc=f"transformers {path.name}", unit="seq", disable=not progress, leave=False):
@@ -121,23 +148,7 @@ class HFGPTQTarget(Target):
 
     def export(self, ctx: ExportContext, path: Path) -> None:
         grid: IntGrid = self.grid(ctx.recipe)
-        source = ctx.source
-        quantized = set(ctx.quantized_names)
-        path.mkdir()
-        tensors: dict[str, torch.Tensor] = {}
-        for name in tqdm(sorted(source.tensors), desc="write hf-gptq", unit="tensor", disable=not ctx.progress,
-                         leave=False):
-            if name in quantized:
-                prefix = name.removesuffix(".weight")
-                packed = gptq_tensors(ctx.quantize(name, grid), grid.group_size)
-                tensors.update({f"{prefix}.{key}": value for key, value in packed.items()})
-            else:
-                tensors[name] = ctx.load(name, grid).to(torch.float16)
-        save_file(tensors, path / WEIGHTS, metadata={"format": "pt"})
-        config = dict(source.config)
-        config["dtype"] = "float16"
-        config.pop("torch_dtype", None)
-        config["quantization_config"] = {
+        write_quantized_checkpoint(ctx, path, grid, lambda qw: gptq_tensors(qw, grid.group_size), {
             "quant_method": "gptq",
             "bits": grid.bits,
             "group_size": grid.group_size,
@@ -148,10 +159,8 @@ class HFGPTQTarget(Target):
             "static_groups": bool(ctx.recipe.static_groups),
             "checkpoint_format": "gptq",
             "pack_dtype": "int32",
-            "lm_head": ctx.source.arch.lm_head in quantized,
-        }
-        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copy_model_files(source.path, path)
+            "lm_head": ctx.source.arch.lm_head in ctx.quantized_names,
+        })
 
     def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:
         return hf_logits(path, ids, progress)

@@ -40,16 +40,16 @@ def test_clipping_never_worse_than_full_range():
     w = torch.randn(16, 128, generator=g) * 0.05
     w[:, 7] = 0.5  # an outlier column stretches every group's range
     x = torch.randn(256, 128, generator=g)
-    for grid in (IntGrid(bits=4, group_size=32, symmetric=False), GGUF_GRIDS["Q4_0"]):
+    xg = x.reshape(256, 4, 32).transpose(0, 1)
+
+    def err(grid, params):
         groups = grouped(w, grid)
-        xg = x.reshape(256, 4, 32).transpose(0, 1)
+        deq = grid.decode(grid.encode(groups, params), params)
+        return (torch.einsum("ntg,rng->rnt", xg, groups - deq) ** 2).sum(-1)
 
-        def err(params):
-            deq = grid.decode(grid.encode(groups, params), params)
-            return (torch.einsum("ntg,rng->rnt", xg, groups - deq) ** 2).sum(-1)
-
-        clipped = err(clipped_params(w, x, grid, AWQ().config))
-        full = err(grid.fit(groups))
+    for grid in (IntGrid(bits=4, group_size=32, symmetric=False), GGUF_GRIDS["Q4_0"]):
+        clipped = err(grid, clipped_params(w, x, grid, AWQ().config))
+        full = err(grid, grid.fit(grouped(w, grid)))
         assert (clipped <= full + 1e-6).all()
         assert clipped.sum() < full.sum()
 

@@ -1,0 +1,75 @@
+"""hf-gptq and hf-awq folders loaded by transformers with gptqmodel + optimum (the loaders vLLM users
+rely on too): the real backend's logits match the weights our packing reference decodes, and the
+pipeline scores artifacts from that loaded model."""
+
+import gptqmodel  # noqa: F401  a required test dependency: transformers' backend for these formats
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import quantkit
+from quantkit.model import ModelSource
+from quantkit.packing import awq_dequantize, gptq_dequantize
+from quantkit.targets.hf_gptq import hf_logits
+
+
+def decoded_reference(folder, kind: str):
+    """The source model in fp32 carrying the folder's tensors, quantized ones decoded by quantkit.packing."""
+    config = __import__("json").loads((folder / "config.json").read_text())["quantization_config"]
+    stored = load_file(folder / "model.safetensors")
+    model = ModelSource().hf_model()
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in stored.items():
+            if name.endswith(".qweight"):
+                prefix = name.removesuffix(".qweight")
+                if kind == "hf-gptq":
+                    w = gptq_dequantize(tensor, stored[f"{prefix}.qzeros"], stored[f"{prefix}.scales"],
+                                        stored[f"{prefix}.g_idx"], config["bits"])
+                else:
+                    w = awq_dequantize(tensor, stored[f"{prefix}.qzeros"], stored[f"{prefix}.scales"],
+                                       config["group_size"])
+                state[f"{prefix}.weight"].copy_(w)
+            elif name in state:
+                state[name].copy_(tensor.float())
+    return model
+
+
+CASES = {
+    "gptq-sym-actorder": dict(targets=["hf-gptq"], method="gptq", scheme="sym", act_order=True),
+    "gptq-asym-g64": dict(targets=["hf-gptq"], method="gptq", scheme="asym", group_size=64),
+    "rtn-8bit": dict(targets=["hf-gptq"], method="rtn", bits=8, scheme="sym"),
+    "awq": dict(targets=["hf-awq"], method="awq", scheme="asym"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def shipped(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
+    result = quantkit.ship(out=out, eval_samples=2, calib_samples=8, seq_len=256, **CASES[request.param])
+    return request.param, result
+
+
+def test_runtime_logits_match_our_decoded_weights(shipped):
+    name, result = shipped
+    art = result.artifacts[0]
+    folder = result.out_dir / art.path
+    ids = torch.randint(1, 4096, (2, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = decoded_reference(folder, art.target)(input_ids=ids).logits
+    theirs = torch.stack([torch.from_numpy(x) for x in hf_logits(folder, ids, progress=False)])
+    # the backend decodes the same integers; differences come from its fp16 dequantization of scales
+    # and a different matmul order
+    scale = ours.abs().max().item()
+    assert (theirs - ours).abs().max().item() < 5e-3 * max(scale, 1.0), name
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() > 0.99
+
+
+def test_artifact_is_scored_from_the_loaded_model(shipped):
+    name, result = shipped
+    art = result.artifacts[0]
+    assert art.runtime["name"] == "transformers + gptqmodel" and art.runtime["version"]["gptqmodel"]
+    assert art.metrics["perplexity"] > 1 and art.metrics["top1"] > 0.6, (name, art.metrics)
+    assert art.verdict == "accepted", (name, art.failures)
+    files = sorted(p.name for p in (result.out_dir / art.path).iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files)
