@@ -18,8 +18,10 @@ SHIP_EPILOG = """\
 targets:
   gguf:TYPE   llama.cpp GGUF file; TYPE one of F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0.
               Checked by loading it in llama.cpp (llama-cpp-python) and scoring its logits.
-              GGUF block types fix their own grid (32-weight blocks); --bits/--group-size/--scheme
-              configure the integer grid of targets without one (GPTQ/AWQ checkpoints, ONNX: later issues).
+              GGUF block types fix their own grid (32-weight blocks).
+  hf-gptq     Hugging Face GPTQ v1 checkpoint folder (2/4/8 bit) on the --bits/--group-size/--scheme grid.
+  hf-awq      Hugging Face AWQ GEMM checkpoint folder (4 bit, group-wise).
+              Both checked by loading them in transformers with gptqmodel + optimum (pip install '.[hf]').
 
 exit codes: 0 all artifacts accepted, 1 an artifact failed its gate, 2 bad input.
 

@@ -8,9 +8,11 @@ checked by loading it with transformers and scoring the logits of that model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -98,8 +100,10 @@ def hf_logits(path: Path, ids: torch.Tensor, progress: bool) -> Iterator[np.ndar
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
     hf_logging.disable_progress_bar()
     try:
-        # fp32 activations: what a CPU deployment runs; the packed weights are decoded by the backend
-        model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32)
+        # gptqmodel prints banners and logs on stdout; keep stdout clean for --json
+        with contextlib.redirect_stdout(sys.stderr):
+            # fp32 activations: what a CPU deployment runs; the packed weights are decoded by the backend
+            model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32)
     except ImportError as exc:
         raise QuantkitError(f"transformers cannot load {path.name} ({exc}); pip install 'quantkit[hf]'") from None
     model.eval()

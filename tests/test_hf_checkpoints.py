@@ -73,3 +73,14 @@ def test_artifact_is_scored_from_the_loaded_model(shipped):
     assert art.verdict == "accepted", (name, art.failures)
     files = sorted(p.name for p in (result.out_dir / art.path).iterdir())
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+
+
+def test_json_stdout_stays_clean_with_the_hf_backend(tmp_path, capsys):
+    import json
+
+    from quantkit.cli import main
+
+    code = main(["ship", "--targets", "hf-awq", "--out", str(tmp_path / "o"), "--eval-samples", "1",
+                 "--seq-len", "64", "--json", "--quiet"])
+    manifest = json.loads(capsys.readouterr().out)  # gptqmodel's banners must not reach stdout
+    assert code == 0 and manifest["artifacts"][0]["target"] == "hf-awq"
