@@ -1,0 +1,145 @@
+"""quantkit's GPTQ and AWQ against gptqmodel's, on the embedded model, in one harness.
+
+    GPTQMODEL_CPU_WORKERS=2 python benchmarks/peers.py     # writes benchmarks/results/peers.{md,json}
+
+Every row quantizes the same model from the same calibration token ids, saves an HF checkpoint,
+loads it with transformers + gptqmodel (the same loader for everyone) and is scored on the same
+evaluation token ids against the same fp32 reference: perplexity, mean KLD, top-1 agreement.
+Quantization time is the wall time of the quantize call (quantkit: its layer-by-layer pass and
+packing; gptqmodel: ``quantize`` + ``save``). CPU only; fp32 compute, except gptqmodel's AWQ, whose CPU
+packer only takes bf16/fp16 models (the embedded model's weights are bf16 to begin with).
+
+llm-compressor is not in this table yet: it needs its own virtual environment (it caps
+transformers at 5.17) and was not run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import quantkit
+from quantkit.checks import MetricAccumulator, score
+from quantkit.data import make_samples
+from quantkit.model import ModelSource
+from quantkit.targets.hf_gptq import hf_logits
+
+RESULTS = Path(__file__).parent / "results"
+SETTINGS = [  # (method, sym, act_order)
+    ("gptq", True, False),
+    ("gptq", True, True),
+    ("gptq", False, False),
+    ("gptq", False, True),
+    ("awq", False, False),
+]
+
+
+def reference(source: ModelSource, ids: torch.Tensor):
+    model = source.hf_model()
+    acc = MetricAccumulator()
+    with torch.no_grad():
+        for i, row in enumerate(ids):
+            acc.add(i, row, model(input_ids=row[None]).logits[0], keep=True)
+    return acc.logprobs, acc.result().perplexity
+
+
+def run_quantkit(method: str, sym: bool, act_order: bool, out: Path, calib: int, seq_len: int) -> float:
+    target = "hf-awq" if method == "awq" else "hf-gptq"
+    result = quantkit.ship(targets=[target], out=out, method=method, scheme="sym" if sym else "asym",
+                           act_order=act_order, calib_samples=calib, eval_samples=1, seq_len=seq_len,
+                           max_ppl_increase_pct=1e9, max_kld=1e9, min_top1=0.0)
+    return result.artifacts[0].seconds["export"]
+
+
+def run_gptqmodel(method: str, sym: bool, act_order: bool, out: Path, calib_ids: torch.Tensor) -> float:
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+    from gptqmodel.quantization.config import FORMAT, METHOD
+
+    kwargs = dict(bits=4, group_size=128, sym=sym, desc_act=act_order, offload_to_disk=False)
+    if method == "awq":
+        kwargs.update(method=METHOD.AWQ, format=FORMAT.GEMM, desc_act=False)
+    calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calib_ids]
+    start = time.time()
+    with contextlib.redirect_stdout(sys.stderr):
+        # gptqmodel's CPU AWQ packer accepts only fp16/bf16 models; its GPTQ runs in fp32
+        dtype = torch.bfloat16 if method == "awq" else torch.float32
+        model = GPTQModel.load(str(ModelSource().path), QuantizeConfig(**kwargs), dtype=dtype)
+        # AWQ on CPU needs the torch AWQ backend (its default kernel asks for CUDA)
+        model.quantize(calibration, batch_size=1, backend=BACKEND.AWQ_TORCH if method == "awq" else BACKEND.AUTO)
+        model.save(str(out))
+    return time.time() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+    source = ModelSource()
+    tokenizer = source.tokenizer()
+    calib = make_samples(tokenizer, "builtin", "calib", args.calib_samples, args.seq_len)
+    evals = make_samples(tokenizer, "builtin", "eval", args.eval_samples, args.seq_len)
+    ref_logprobs, ref_ppl = reference(source, evals.ids)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method, sym, act_order in SETTINGS:
+            for tool in ("quantkit", "gptqmodel"):
+                out = Path(tmp) / f"{tool}-{method}-{sym}-{act_order}"
+                if tool == "quantkit":
+                    seconds = run_quantkit(method, sym, act_order, out, args.calib_samples, args.seq_len)
+                    folder = out / ("hf-awq" if method == "awq" else "hf-gptq")
+                else:
+                    seconds = run_gptqmodel(method, sym, act_order, out, calib.ids)
+                    folder = out
+                m = score(evals.ids, hf_logits(folder, evals.ids, progress=False), ref_logprobs, ref_ppl)
+                rows.append({"tool": tool, "method": method, "scheme": "sym" if sym else "asym",
+                             "act_order": act_order, "quantize_s": round(seconds, 2), **m.to_dict()})
+                print(json.dumps(rows[-1]), flush=True)
+
+    command = "GPTQMODEL_CPU_WORKERS=2 python benchmarks/peers.py " + " ".join(sys.argv[1:])
+    from importlib import metadata
+
+    payload = {"command": command.strip(), "quantkit": quantkit.__version__,
+               "gptqmodel": metadata.version("gptqmodel"), "transformers": metadata.version("transformers"),
+               "python": platform.python_version(), "reference_perplexity": round(ref_ppl, 4),
+               "calib_tokens": calib.n_tokens, "eval_tokens": evals.n_tokens, "rows": rows}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "peers.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.results / "peers.md").write_text(to_markdown(payload))
+    print(to_markdown(payload))
+
+
+def to_markdown(p: dict) -> str:
+    lines = [
+        "# quantkit vs gptqmodel: 4-bit, group size 128, embedded model, CPU",
+        "",
+        f"Command: `{p['command']}` (quantkit {p['quantkit']}, gptqmodel {p['gptqmodel']}, transformers "
+        f"{p['transformers']}, Python {p['python']}). Same calibration ids ({p['calib_tokens']} tokens) and "
+        f"evaluation ids ({p['eval_tokens']} tokens) for every row; every checkpoint loaded by transformers + "
+        f"gptqmodel and scored against the fp32 reference (perplexity {p['reference_perplexity']}).",
+        "",
+        "| method | scheme | act-order | tool | ppl | Δppl % | KLD | top-1 | quantize s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in p["rows"]:
+        lines.append(f"| {r['method']} | {r['scheme']} | {'on' if r['act_order'] else 'off'} | {r['tool']} | "
+                     f"{r['perplexity']:.3f} | {r['ppl_increase_pct']:+.2f} | {r['kld']:.5f} | {r['top1']:.4f} | "
+                     f"{r['quantize_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
