@@ -1,4 +1,4 @@
-"""quantkit's GPTQ and AWQ against gptqmodel's, on the embedded model, in one harness.
+"""quantkit's GPTQ and AWQ against gptqmodel's (and quantkit's round-to-nearest), on the embedded model.
 
     GPTQMODEL_CPU_WORKERS=2 python benchmarks/peers.py     # writes benchmarks/results/peers.{md,json}
 
@@ -34,7 +34,9 @@ from quantkit.model import ModelSource
 from quantkit.targets.hf_gptq import hf_logits
 
 RESULTS = Path(__file__).parent / "results"
-SETTINGS = [  # (method, sym, act_order)
+SETTINGS = [  # (method, sym, act_order); round-to-nearest rows are quantkit's baseline on the same grid
+    ("rtn", True, False),
+    ("rtn", False, False),
     ("gptq", True, False),
     ("gptq", True, True),
     ("gptq", False, False),
@@ -53,7 +55,7 @@ def reference(source: ModelSource, ids: torch.Tensor):
 
 
 def run_quantkit(method: str, sym: bool, act_order: bool, out: Path, calib: int, seq_len: int) -> float:
-    target = "hf-awq" if method == "awq" else "hf-gptq"
+    target = "hf-awq" if method == "awq" else "hf-gptq"  # rtn rows use the GPTQ v1 layout too
     result = quantkit.ship(targets=[target], out=out, method=method, scheme="sym" if sym else "asym",
                            act_order=act_order, calib_samples=calib, eval_samples=1, seq_len=seq_len,
                            max_ppl_increase_pct=1e9, max_kld=1e9, min_top1=0.0)
@@ -96,7 +98,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method, sym, act_order in SETTINGS:
-            for tool in ("quantkit", "gptqmodel"):
+            for tool in ("quantkit",) if method == "rtn" else ("quantkit", "gptqmodel"):
                 out = Path(tmp) / f"{tool}-{method}-{sym}-{act_order}"
                 if tool == "quantkit":
                     seconds = run_quantkit(method, sym, act_order, out, args.calib_samples, args.seq_len)

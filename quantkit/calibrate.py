@@ -24,8 +24,9 @@ class LinearStats:
     tokens: int = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.gram += x.T @ x
+        x = x.reshape(-1, x.shape[-1]).float()
+        # one sequence's products in fp32 (fast), summed across sequences in fp64 (no drift)
+        self.gram += (x.T @ x).double()
         self.tokens += x.shape[0]
 
     @property

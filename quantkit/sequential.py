@@ -23,7 +23,7 @@ from quantkit.grids import Grid, QuantizedWeight
 BlockInputs = list[tuple[tuple, dict]]  # the (args, kwargs) of one block call per calibration row
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by the capture hook once the first block's inputs are recorded."""
 
 
@@ -61,12 +61,12 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Te
 
     def hook(_module, args, kwargs):
         captured.append((args, kwargs))
-        raise _StopForward
+        raise StopForward
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for row in ids:
-            with contextlib.suppress(_StopForward):
+            with contextlib.suppress(StopForward):
                 model(input_ids=row[None], use_cache=False)
     finally:
         handle.remove()
@@ -74,20 +74,26 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Te
 
 
 @torch.no_grad()
-def linear_input_statistics(block: nn.Module, names: list[str], inputs: BlockInputs) -> dict[str, LinearStats]:
-    """``X^T X`` of each named linear's input over one pass of the block."""
-    stats: dict[str, LinearStats] = {}
-    handles = []
-    for name in names:
-        module = block.get_submodule(name)
-        entry = stats[name] = LinearStats(torch.zeros(module.in_features, module.in_features, dtype=torch.float64))
-        handles.append(module.register_forward_hook(lambda _m, args, _o, entry=entry: entry.add(args[0])))
+def shared_input_statistics(block: nn.Module, names: list[str], inputs: BlockInputs) -> LinearStats:
+    """``X^T X`` of the input that the named linears share (one group of ``Architecture.linear_groups``).
+
+    The hook sits on the first of them and stops the block's forward right there: nothing after
+    the group's input is needed, so each statistics pass costs only the part of the block before it.
+    """
+    first = block.get_submodule(names[0])
+    stats = LinearStats(torch.zeros(first.in_features, first.in_features, dtype=torch.float64))
+
+    def hook(_module, args):
+        stats.add(args[0])
+        raise StopForward
+
+    handle = first.register_forward_pre_hook(hook)
     try:
         for args, kwargs in inputs:
-            block(*args, **kwargs)
+            with contextlib.suppress(StopForward):
+                block(*args, **kwargs)
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
     return stats
 
 
@@ -103,10 +109,10 @@ def quantize_linear_by_linear(job: BlockJob, quantize: QuantizeFn) -> dict[str, 
         members = [n for n in group if n in job.members]
         if not members:
             continue
-        stats = linear_input_statistics(job.block, members, job.inputs)
+        stats = shared_input_statistics(job.block, members, job.inputs)
         for name in members:
             module = job.block.get_submodule(name)
-            qw = quantize(module.weight.detach().float(), job.grid, stats[name])
+            qw = quantize(module.weight.detach().float(), job.grid, stats)
             module.weight.copy_(qw.dequantize().to(module.weight.dtype))
             results[name] = qw
     return results

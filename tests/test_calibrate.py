@@ -25,8 +25,9 @@ def test_statistics_equal_captured_inputs(tiny_models):
     x = torch.cat(captured).double()
     s = stats["model.layers.1.mlp.down_proj.weight"]
     assert s.tokens == 32
-    torch.testing.assert_close(s.gram, x.T @ x, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(s.mean_square, (x**2).mean(0), rtol=1e-10, atol=1e-10)
+    # per-sequence products are taken in fp32 (then summed in fp64): fp32 rounding bounds the match
+    torch.testing.assert_close(s.gram, x.T @ x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.mean_square, (x**2).mean(0), rtol=1e-5, atol=1e-6)
     # q, k and v read the same normalized input, so their statistics agree
     q, v = stats["model.layers.0.self_attn.q_proj.weight"], stats["model.layers.0.self_attn.v_proj.weight"]
     assert torch.equal(q.gram, v.gram)

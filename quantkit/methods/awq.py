@@ -10,7 +10,8 @@ clipping range is searched per group, and the weights are rounded on the grid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from torch import nn
 from quantkit.grids import PER_TENSOR, Grid, QuantizedWeight, QuantParams
 from quantkit.methods.base import Method, grouped
 from quantkit.methods.rtn import RoundToNearest
-from quantkit.sequential import BlockJob, SequentialResult, block_output
+from quantkit.sequential import BlockJob, SequentialResult, StopForward, block_output
 
 CLIP_TOKENS = 512  # tokens used to score clipping ratios (the search is per group and output row)
 
@@ -26,13 +27,14 @@ CLIP_TOKENS = 512  # tokens used to score clipping ratios (the search is per gro
 @dataclass(frozen=True)
 class AWQConfig:
     n_grid: int = 20
+    search_rows: int = 8  # calibration sequences the scale search runs the block on (each alpha, each fold)
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5  # smallest clipping range tried: (1 - max_shrink) x the group's range
 
     def __post_init__(self) -> None:
-        if self.n_grid < 1 or self.clip_grid < 1 or not 0 <= self.max_shrink < 1:
-            raise ValueError("n_grid and clip_grid must be >= 1 and max_shrink in [0, 1)")
+        if self.n_grid < 1 or self.clip_grid < 1 or self.search_rows < 1 or not 0 <= self.max_shrink < 1:
+            raise ValueError("n_grid, search_rows and clip_grid must be >= 1 and max_shrink in [0, 1)")
 
 
 def fake_quantize(weight: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -45,14 +47,17 @@ def _mean_abs_input(block: nn.Module, consumer: str, job: BlockJob) -> torch.Ten
     total = torch.zeros(module.in_features, dtype=torch.float64)
     count = [0]
 
-    def hook(_m, args, _out):
+    def hook(_m, args):
         x = args[0].reshape(-1, args[0].shape[-1]).double()
         total.add_(x.abs().sum(0))
         count[0] += x.shape[0]
+        raise StopForward  # nothing after the consumer's input is needed
 
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_pre_hook(hook)
     try:
-        job.run()
+        for args, kwargs in job.inputs:
+            with contextlib.suppress(StopForward):
+                block(*args, **kwargs)
     finally:
         handle.remove()
     return (total / max(count[0], 1)).float()
@@ -150,13 +155,14 @@ class AWQ(Method):
     @torch.no_grad()
     def quantize_block(self, job: BlockJob) -> SequentialResult:
         result = SequentialResult()
-        reference = job.run()
+        search = replace(job, inputs=job.inputs[: self.config.search_rows])
+        reference = search.run()
         for fold in job.arch.fold_points:
             consumers = list(fold.consumers)
             quantized = [c for c in consumers if c in job.members]
             if not quantized or not _fold_applies(job.block, fold.producer, consumers):
                 continue
-            s = search_scale(job, consumers, quantized, reference, self.config.n_grid)
+            s = search_scale(search, consumers, quantized, reference, self.config.n_grid)
             _fold(job, fold.producer, consumers, s)
             if fold.producer not in job.members:  # a norm: its rescaled weight goes into the artifact
                 result.replaced[f"{fold.producer}.weight"] = job.block.get_submodule(fold.producer).weight.clone()
