@@ -50,7 +50,8 @@ def collect_statistics(model: nn.Module, samples: TokenSamples, weight_names: It
         module = modules[_module_name(name)]
         if not isinstance(module, nn.Linear):
             continue  # embeddings take token ids, not activations
-        entry = stats[name] = LinearStats(torch.zeros(module.in_features, module.in_features, dtype=torch.float64))
+        entry = stats[name] = LinearStats(torch.zeros(module.in_features, module.in_features, dtype=torch.float64,
+                                                      device=module.weight.device))
         handles.append(module.register_forward_hook(lambda _m, args, _out, entry=entry: entry.add(args[0])))
     try:
         for row in tqdm(samples.ids, desc="calibrate", unit="seq", disable=not progress, leave=False):

@@ -67,6 +67,8 @@ def _add_ship(sub) -> None:
                    help="gptq: quantize columns by decreasing activation energy (desc_act)")
     q.add_argument("--static-groups", action="store_true",
                    help="gptq: fit group scales on the original weights before the sweep")
+    q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where gptq/awq run their layer-by-layer pass (default: auto = cuda if present)")
     q.add_argument("--quantize-embeddings", action="store_true", help="also quantize the token embedding")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output projection")
     q.add_argument("--exclude", action="append", default=[], metavar="GLOB",
@@ -131,6 +133,7 @@ def _run_ship(args) -> int:
     recipe = Recipe(
         method=args.method, bits=args.bits, group_size=args.group_size, scheme=args.scheme,
         damp_percent=args.damp_percent, act_order=args.act_order, static_groups=args.static_groups,
+        device=args.device,
         quantize_embeddings=args.quantize_embeddings, quantize_lm_head=args.quantize_lm_head,
         exclude=args.exclude, calib=args.calib, calib_samples=args.calib_samples, eval=args.eval,
         eval_samples=args.eval_samples, seq_len=args.seq_len, max_ppl_increase_pct=args.max_ppl_increase,

@@ -131,8 +131,9 @@ class WeightQuantizer:
     """
 
     def __init__(self, source: ModelSource, method: Method, calib: TokenSamples | None, names: list[str],
-                 log: _Log, progress: bool):
+                 log: _Log, progress: bool, device: torch.device | None = None):
         self.source, self.method, self.calib, self.log, self.progress = source, method, calib, log, progress
+        self.device = device or torch.device("cpu")
         self.block_names = [n for i in range(source.n_layers) for n in source.arch.linear_weights(i) if n in names]
         self._stats: dict[str, LinearStats] | None = None
         self._by_grid: dict[Grid, SequentialResult] = {}
@@ -155,11 +156,14 @@ class WeightQuantizer:
 
     def _sequential(self, grid: Grid) -> SequentialResult:
         if grid not in self._by_grid:
-            self.log(f"{self.method.name} on {grid.name}: layer by layer over {self.calib.n_tokens} tokens")
-            model = self.source.hf_model(torch.float32, self.progress)
-            self._by_grid[grid] = quantize_sequential(model, self.source.arch, self.calib.ids, self.block_names,
-                                                      grid, self.method.quantize_block, self.progress,
-                                                      label=self.method.name)
+            self.log(f"{self.method.name} on {grid.name}: layer by layer over {self.calib.n_tokens} tokens "
+                     f"({self.device.type})")
+            model = self.source.hf_model(torch.float32, self.progress).to(self.device)
+            result = quantize_sequential(model, self.source.arch, self.calib.ids.to(self.device), self.block_names,
+                                         grid, self.method.quantize_block, self.progress, label=self.method.name)
+            result.quantized = {n: qw.to("cpu") for n, qw in result.quantized.items()}
+            result.replaced = {n: t.to("cpu") for n, t in result.replaced.items()}
+            self._by_grid[grid] = result
         return self._by_grid[grid]
 
     def _statistics(self) -> dict[str, LinearStats]:
@@ -234,7 +238,7 @@ def _run(source: ModelSource, recipe: Recipe, targets: list[Target], ctx: Export
         calib = make_samples(tokenizer, recipe.calib, "calib", recipe.calib_samples, recipe.seq_len)
         calibration = {"source": calib.source, "samples": calib.ids.shape[0], "seq_len": recipe.seq_len,
                        "tokens": calib.n_tokens, "ids_sha256": calib.sha256}
-    ctx.quantize = WeightQuantizer(source, method, calib, ctx.quantized_names, log, progress)
+    ctx.quantize = WeightQuantizer(source, method, calib, ctx.quantized_names, log, progress, recipe.torch_device())
     reference, ref_metrics = _reference_logprobs(source, samples, log, progress)
     log(f"reference perplexity {ref_metrics.perplexity:.3f}")
 

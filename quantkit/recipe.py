@@ -5,6 +5,8 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from quantkit.errors import QuantkitError
 from quantkit.grids import PER_CHANNEL, PER_TENSOR, IntGrid
 from quantkit.methods import METHODS
@@ -20,6 +22,7 @@ class Recipe:
     damp_percent: float = 0.01  # GPTQ: Hessian damping, fraction of its mean diagonal
     act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
     static_groups: bool = False  # GPTQ: fit group parameters before the sweep
+    device: str = "auto"  # where GPTQ/AWQ run their layer-by-layer pass: auto (cuda if present), cpu, cuda
     quantize_embeddings: bool = False
     quantize_lm_head: bool = False
     exclude: list[str] = field(default_factory=list)  # glob patterns of tensor names kept unquantized
@@ -43,8 +46,17 @@ class Recipe:
             raise QuantkitError(f"--group-size {self.group_size} is invalid; use a positive size, -1 or 0")
         if not 0 < self.damp_percent < 1:
             raise QuantkitError(f"--damp-percent {self.damp_percent} is out of range; use a value in (0, 1)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise QuantkitError(f"--device {self.device!r} is unknown; use auto, cpu or cuda")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise QuantkitError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
         if self.seq_len < 2 or self.calib_samples < 1 or self.eval_samples < 1:
             raise QuantkitError("--seq-len must be >= 2 and sample counts >= 1")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     def int_grid(self) -> IntGrid:
         """The integer grid of checkpoint formats: fp16 scales, zero points that GPTQ v1 can store."""

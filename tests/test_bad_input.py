@@ -114,3 +114,11 @@ def test_weights_untouched_by_a_failed_run(capsys, out_dir, tiny_llama):
     run_bad(capsys, out_dir, str(tiny_llama), "--group-size", "96")
     assert {p.name: p.read_bytes() for p in tiny_llama.iterdir()} == before
     assert torch.is_tensor(load_file(tiny_llama / "model.safetensors")["model.norm.weight"])
+
+
+def test_cuda_requested_without_a_gpu(capsys, out_dir, tiny_llama, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on any machine
+    err = run_bad(capsys, out_dir, str(tiny_llama), "--method", "gptq", "--device", "cuda")
+    assert "torch sees no CUDA device" in err and "--device cpu" in err

@@ -111,6 +111,10 @@ class QuantizedWeight:
             return self.grid.decode(self.codes[..., None], per_column).squeeze(-1)
         return self.grid.decode(self.grouped_codes(), self.params).reshape(self.codes.shape)
 
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        g_idx = None if self.g_idx is None else self.g_idx.to(device)
+        return QuantizedWeight(self.codes.to(device), self.params.map(lambda t: t.to(device)), self.grid, g_idx)
+
     def permute_rows(self, order: torch.Tensor) -> QuantizedWeight:
         """The same weight with its output rows reordered (e.g. llama.cpp's rope layout)."""
         if self.params.scale.shape[0] == 1:  # per-tensor parameters apply to every row

@@ -44,7 +44,7 @@ def fake_quantize(weight: torch.Tensor, grid: Grid) -> torch.Tensor:
 @torch.no_grad()
 def _mean_abs_input(block: nn.Module, consumer: str, job: BlockJob) -> torch.Tensor:
     module = block.get_submodule(consumer)
-    total = torch.zeros(module.in_features, dtype=torch.float64)
+    total = torch.zeros(module.in_features, dtype=torch.float64, device=module.weight.device)
     count = [0]
 
     def hook(_m, args):
@@ -119,7 +119,7 @@ def clipped_params(weight: torch.Tensor, x: torch.Tensor, grid: Grid, config: AW
     """Per (row, group) clipping ratio minimising ||x (w - Q(w))^T||^2; returns the grid's parameters."""
     groups = grouped(weight, grid)  # (rows, n_groups, g)
     xg = x.reshape(x.shape[0], groups.shape[1], groups.shape[2]).transpose(0, 1)  # (n_groups, tokens, g)
-    best_err = torch.full(groups.shape[:2], float("inf"))
+    best_err = torch.full(groups.shape[:2], float("inf"), device=weight.device)
     best: QuantParams | None = None
     for step in range(config.clip_grid):
         ratio = 1.0 - config.max_shrink * step / config.clip_grid

@@ -44,7 +44,7 @@ class CholeskyRetryWarning(UserWarning):
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of the damped inverse Hessian; retries with 10x damping on failure."""
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     mean_diag = torch.diagonal(hessian).mean()
     damp = damp_percent
     while damp <= MAX_DAMP:
@@ -72,7 +72,7 @@ def _block_columns(group: int, block_size: int, cols: int) -> int:
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, config: GPTQConfig) -> QuantizedWeight:
     """GPTQ on ``grid``; ``hessian`` is ``X^T X`` of the layer's inputs (any positive scale)."""
     w = weight.clone().float()
-    h = hessian.clone().float()
+    h = hessian.to(w.device, dtype=torch.float32, copy=True)
     rows, cols = w.shape
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
@@ -85,11 +85,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, confi
         static = True
     static_params = _static_params(w, grid) if static else None
 
-    order = torch.argsort(torch.diagonal(h), descending=True) if config.act_order else torch.arange(cols)
+    if config.act_order:
+        order = torch.argsort(torch.diagonal(h), descending=True)
+    else:
+        order = torch.arange(cols, device=w.device)
     w, h = w[:, order], h[order][:, order]
     u, _ = inverse_hessian_factor(h, config.damp_percent)
 
-    codes = torch.zeros(rows, cols, dtype=torch.int32)
+    codes = torch.zeros(rows, cols, dtype=torch.int32, device=w.device)
     fitted: list[QuantParams | None] = [None] * n_groups
     sweep_groups = not static and config.act_order and n_groups > 1  # groups follow the sweep: g_idx
     block = _block_columns(group, config.block_size, cols)
@@ -121,7 +124,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, confi
     stacked = QuantParams(*(None if getattr(params[0], f) is None else
                             torch.stack([getattr(p, f) for p in params], dim=1)
                             for f in ("scale", "zero", "minimum", "inv_scale")))
-    g_idx = (torch.arange(cols) // group)[inverse] if sweep_groups else None
+    g_idx = (torch.arange(cols, device=w.device) // group)[inverse] if sweep_groups else None
     return QuantizedWeight(codes=codes[:, inverse], params=stacked, grid=grid, g_idx=g_idx)
 
 
