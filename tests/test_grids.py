@@ -10,12 +10,12 @@ RTN = RoundToNearest()
 
 
 def test_absmax_int4_by_hand():
-    # max |w| = 1.4 -> scale = 1.4 / 7 = 0.2; w / scale = [-7, -2.5, 0.5, 3.5] -> half-to-even [-7, -2, 0, 4]
-    w = torch.tensor([[-1.4, -0.5, 0.1, 0.7]])
+    # max |w| = 1.5 -> scale = 1.5 / 7.5 = 0.2; w / scale = [-7.5, -2.5, 0.5, 3.5] -> half-to-even [-8, -2, 0, 4]
+    w = torch.tensor([[-1.5, -0.5, 0.1, 0.7]])
     qw = RTN.quantize_weight(w, IntGrid(bits=4, group_size=4, symmetric=True))
-    assert qw.codes.tolist() == [[-7, -2, 0, 4]]
+    assert qw.codes.tolist() == [[-8, -2, 0, 4]]
     assert torch.allclose(qw.params.scale.flatten(), torch.tensor([0.2]))
-    assert torch.allclose(qw.dequantize(), torch.tensor([[-1.4, -0.4, 0.0, 0.8]]))
+    assert torch.allclose(qw.dequantize(), torch.tensor([[-1.6, -0.4, 0.0, 0.8]]))
 
 
 def test_zero_point_int2_by_hand():
@@ -37,9 +37,11 @@ def test_zero_point_range_includes_zero():
 
 
 def test_int8_codes_saturate_range():
-    w = torch.tensor([[-2.0, 2.0, 1.0, 0.0]])
+    w = torch.tensor([[-7.96875, 7.96875, 1.0, 0.0]])  # max 255/32, so the scale is exactly 1/16
     sym = RTN.quantize_weight(w, IntGrid(bits=8, group_size=-1, symmetric=True))
-    assert sym.codes.tolist() == [[-127, 127, 64, 0]]  # 1.0 / (2/127) = 63.5 -> 64 (half to even)
+    # scale 7.96875 / 127.5 = 0.0625: +-127.5 round half to even to +-128 (+128 clamps to 127); 1.0 -> 16
+    assert sym.params.scale.item() == 0.0625
+    assert sym.codes.tolist() == [[-128, 127, 16, 0]]
     # range [-1, 3]: scale 4/255, zero = round(63.75) = 64; codes round(w*255/4) + 64
     asym = RTN.quantize_weight(torch.tensor([[-1.0, 3.0, 1.0, 0.0]]), IntGrid(bits=8, group_size=-1, symmetric=False))
     assert asym.codes.tolist() == [[0, 255, 128, 64]]
@@ -49,12 +51,12 @@ def test_groups_per_channel_and_per_tensor():
     w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]])
     group2 = RTN.quantize_weight(w, IntGrid(bits=4, group_size=2))
     assert group2.params.scale.shape == (2, 2, 1)
-    assert torch.allclose(group2.params.scale.squeeze(-1), torch.tensor([[2 / 7, 4 / 7], [20 / 7, 40 / 7]]))
+    assert torch.allclose(group2.params.scale.squeeze(-1), torch.tensor([[2, 4], [20, 40]]) / 7.5)
     channel = RTN.quantize_weight(w, IntGrid(bits=4, group_size=PER_CHANNEL))
-    assert torch.allclose(channel.params.scale.flatten(), torch.tensor([4 / 7, 40 / 7]))
+    assert torch.allclose(channel.params.scale.flatten(), torch.tensor([4, 40]) / 7.5)
     tensor = RTN.quantize_weight(w, IntGrid(bits=4, group_size=PER_TENSOR))
-    assert torch.allclose(tensor.params.scale.flatten(), torch.tensor([40 / 7]))
-    # per tensor: the small row collapses onto few codes, [1, 2, 3, 4] / (40/7) = [.175, .35, .525, .7]
+    assert torch.allclose(tensor.params.scale.flatten(), torch.tensor([40 / 7.5]))
+    # per tensor: the small row collapses onto few codes, [1, 2, 3, 4] / (40/7.5) = [.19, .38, .56, .75]
     assert tensor.codes[0].tolist() == [0, 0, 1, 1]
 
 

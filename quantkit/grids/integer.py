@@ -1,6 +1,8 @@
 """Plain integer grids: absmax (symmetric) and zero-point (asymmetric), 2-8 bits.
 
-absmax:     scale = max|w| / (2^(b-1) - 1),  code = clamp(round(w / scale), -2^(b-1), 2^(b-1) - 1)
+absmax:     scale = max|w| / (2^(b-1) - 1/2), code = clamp(round(w / scale), -2^(b-1), 2^(b-1) - 1)
+            (all 2^b codes in use; the largest magnitude lands half a step from a code, as in GPTQ's
+            symmetric grid)
 zero-point: scale = (max - min) / (2^b - 1) with the range stretched to include 0,
             zero = round(-min / scale),      code = clamp(round(w / scale) + zero, 0, 2^b - 1)
 Rounding is half-to-even (torch.round). An all-zero group gets scale 1 so it decodes to zeros.
@@ -48,7 +50,7 @@ class IntGrid(Grid):
 
     def fit(self, w: torch.Tensor) -> QuantParams:
         if self.symmetric:
-            scale = self._storable(w.abs().amax(dim=-1, keepdim=True) / self.qmax)
+            scale = self._storable(w.abs().amax(dim=-1, keepdim=True) / (self.qmax + 0.5))
             return QuantParams(scale=scale)
         lo = w.amin(dim=-1, keepdim=True).clamp(max=0)
         hi = w.amax(dim=-1, keepdim=True).clamp(min=0)

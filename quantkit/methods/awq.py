@@ -28,7 +28,9 @@ CLIP_TOKENS = 512  # tokens used to score clipping ratios (the search is per gro
 class AWQConfig:
     n_grid: int = 20
     search_rows: int = 8  # calibration sequences the scale search runs the block on (each alpha, each fold)
+    duo_scaling: bool = True  # divide by weight magnitude^(1 - alpha) too (lower KLD on the embedded model)
     clip: bool = True
+    clip_qk: bool = True  # AutoAWQ skips q/k; here clipping them measured lower KLD
     clip_grid: int = 20
     max_shrink: float = 0.5  # smallest clipping range tried: (1 - max_shrink) x the group's range
 
@@ -78,15 +80,35 @@ def _scale_producer(module: nn.Module, s: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def _mean_abs_weight(weights: list[torch.Tensor], grid: Grid) -> torch.Tensor:
+    """Mean magnitude of each input channel's weights, each group normalised by its largest magnitude."""
+    per_consumer = []
+    for w in weights:
+        groups = grouped(w.abs(), grid)
+        normalised = groups / groups.amax(dim=-1, keepdim=True).clamp(min=1e-8)
+        per_consumer.append(normalised.reshape(w.shape))
+    return torch.cat(per_consumer).mean(0)
+
+
 def search_scale(job: BlockJob, consumers: list[str], quantized: list[str], reference: list[torch.Tensor],
-                 n_grid: int) -> torch.Tensor:
-    """The per-channel scale (from alpha in [0, 1)) whose fake-quantized block output errs least."""
+                 config: AWQConfig) -> torch.Tensor:
+    """The per-channel scale (from alpha in [0, 1)) whose fake-quantized block output errs least.
+
+    s = x^alpha, or with ``duo_scaling`` s = x^alpha / w^(1 - alpha), where x and w are the mean
+    input and (group-normalised) weight magnitudes per input channel.
+    """
     magnitude = _mean_abs_input(job.block, consumers[0], job).clamp(min=1e-5)
     originals = {name: job.block.get_submodule(name).weight.detach().clone() for name in quantized}
+    w_magnitude = _mean_abs_weight(list(originals.values()), job.grid).clamp(min=1e-5) if config.duo_scaling \
+        else None
     best, best_err = torch.ones_like(magnitude), float("inf")
+    n_grid = config.n_grid
     try:
         for step in range(n_grid):
-            s = magnitude.pow(step / n_grid)
+            alpha = step / n_grid
+            s = magnitude.pow(alpha)
+            if w_magnitude is not None:
+                s = s / w_magnitude.pow(1 - alpha)
             s = s / (s.max() * s.min()).sqrt()
             for name, w in originals.items():
                 job.block.get_submodule(name).weight.copy_(fake_quantize(w * s, job.grid) / s)
@@ -162,7 +184,7 @@ class AWQ(Method):
             quantized = [c for c in consumers if c in job.members]
             if not quantized or not _fold_applies(job.block, fold.producer, consumers):
                 continue
-            s = search_scale(search, consumers, quantized, reference, self.config.n_grid)
+            s = search_scale(search, consumers, quantized, reference, self.config)
             _fold(job, fold.producer, consumers, s)
             if fold.producer not in job.members:  # a norm: its rescaled weight goes into the artifact
                 result.replaced[f"{fold.producer}.weight"] = job.block.get_submodule(fold.producer).weight.clone()
@@ -170,7 +192,8 @@ class AWQ(Method):
         for name in job.members:
             module = job.block.get_submodule(name)
             weight = module.weight.detach().float()
-            if self.config.clip and job.grid.group_size != PER_TENSOR:
+            clip = self.config.clip and (self.config.clip_qk or not name.endswith(("q_proj", "k_proj")))
+            if clip and job.grid.group_size != PER_TENSOR:
                 params = clipped_params(weight, inputs[name], job.grid, self.config)
                 groups = grouped(weight, job.grid)
                 codes = job.grid.encode(groups, params).reshape(weight.shape)
