@@ -91,9 +91,10 @@ def _add_ship(sub) -> None:
 
 
 def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="show what an artifact holds (GGUF: metadata, tensor types, sizes)",
-                       description="Show an artifact's metadata and tensors with their types and bits per weight.")
-    p.add_argument("artifact", help="path to a .gguf file")
+    p = sub.add_parser("inspect", help="show what an artifact holds (metadata, tensor types, bits per weight)",
+                       description="Show an artifact's metadata and tensors with their types and bits per weight: "
+                       "a .gguf file, or an hf-gptq / hf-awq checkpoint folder.")
+    p.add_argument("artifact", help="path to a .gguf file or a checkpoint folder")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--tensors", action="store_true", help="list every tensor (default: a summary by type)")
 
@@ -154,10 +155,11 @@ def _run_ship(args) -> int:
 
 
 def _run_inspect(args) -> int:
-    from quantkit.inspection import format_gguf, inspect_gguf
+    from quantkit.inspection import format_gguf, format_hf_folder, inspect_artifact
 
-    info = inspect_gguf(args.artifact)
-    print(json.dumps(info, indent=2) if args.json else format_gguf(info, args.tensors))
+    info, kind = inspect_artifact(args.artifact)
+    formatter = format_gguf if kind == "gguf" else format_hf_folder
+    print(json.dumps(info, indent=2) if args.json else formatter(info, args.tensors))
     return 0
 
 

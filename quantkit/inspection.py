@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -67,6 +68,75 @@ def inspect_gguf(path: str | Path) -> dict:
         "tensors": tensors,
     }
 
+_PACKED = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+def inspect_hf_folder(path: str | Path) -> dict:
+    """What an hf-gptq / hf-awq (or plain) checkpoint folder holds: its quantization config and tensors."""
+    from quantkit.model import SAFETENSORS_DTYPE_BYTES, read_safetensors_header
+
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise QuantkitError(f"{path} has no config.json; pass a .gguf file or a Hugging Face checkpoint folder")
+    config = json.loads(config_path.read_text())
+    tensors = []
+    for file in sorted(path.glob("*.safetensors")):
+        for name, info in sorted(read_safetensors_header(file).items()):
+            elements = 1
+            for d in info["shape"]:
+                elements *= d
+            tensors.append({"name": name, "dtype": info["dtype"], "shape": info["shape"],
+                            "bytes": elements * SAFETENSORS_DTYPE_BYTES.get(info["dtype"], 1)})
+    quant = config.get("quantization_config") or {}
+    by_name = {t["name"]: t for t in tensors}
+    packed_bytes: dict[str, int] = defaultdict(int)
+    for t in tensors:
+        if t["name"].endswith(_PACKED):
+            packed_bytes[t["name"].rsplit(".", 1)[0]] += t["bytes"]
+    weights = sum(_weight_count(by_name, linear, quant) for linear in packed_bytes)
+    return {
+        "path": str(path),
+        "architectures": config.get("architectures"),
+        "quantization_config": quant or None,
+        "tensor_count": len(tensors),
+        "tensor_bytes": sum(t["bytes"] for t in tensors),
+        "quantized_linears": len(packed_bytes),
+        "quantized_bits_per_weight": round(8 * sum(packed_bytes.values()) / weights, 3) if weights else None,
+        "tensors": tensors,
+    }
+
+
+def _weight_count(by_name: dict, linear: str, quant: dict) -> int:
+    """in x out of a packed linear: GPTQ packs 32 / bits input rows per word, AWQ keeps one row per input."""
+    rows, _ = by_name[f"{linear}.qweight"]["shape"]
+    outputs = by_name[f"{linear}.scales"]["shape"][1]
+    inputs = rows * 32 // quant.get("bits", 4) if quant.get("quant_method") == "gptq" else rows
+    return inputs * outputs
+
+
+def format_hf_folder(info: dict, all_tensors: bool = False) -> str:
+    total = info["tensor_bytes"] / 2**20
+    lines = [f"{info['path']}: {info['architectures']}, {info['tensor_count']} tensors, {total:.2f} MiB",
+             f"quantization_config: {json.dumps(info['quantization_config'])}",
+             f"quantized linears: {info['quantized_linears']}, {info['quantized_bits_per_weight']} bits/weight "
+             "(codes, zeros, scales and g_idx included)"]
+    if all_tensors:
+        lines += ["", "tensors:"]
+        width = max(len(t["name"]) for t in info["tensors"])
+        for t in info["tensors"]:
+            lines.append(f"  {t['name'].ljust(width)}  {t['dtype']:5s} {'x'.join(map(str, t['shape']))}")
+    return "\n".join(lines)
+
+
+def inspect_artifact(path: str | Path) -> tuple[dict, str]:
+    """(info, kind) for a .gguf file or a checkpoint folder."""
+    path = Path(path)
+    if path.is_dir():
+        return inspect_hf_folder(path), "hf"
+    return inspect_gguf(path), "gguf"
+
+
 def format_gguf(info: dict, all_tensors: bool = False) -> str:
     lines = [f"{info['path']}: {info['file_bytes'] / 2**20:.2f} MiB, {info['tensor_count']} tensors, "
              f"{info['elements'] / 1e6:.2f}M weights, {info['bits_per_weight']} bits/weight", "", "metadata:"]
@@ -84,4 +154,4 @@ def format_gguf(info: dict, all_tensors: bool = False) -> str:
             lines.append(f"  {t['name'].ljust(name_w)}  {t['type']:6s} {shape:>12s}  {t['bits_per_weight']:.3f} bpw")
     return "\n".join(lines)
 
-__all__ = ["format_gguf", "inspect_gguf"]
+__all__ = ["format_gguf", "format_hf_folder", "inspect_artifact", "inspect_gguf", "inspect_hf_folder"]

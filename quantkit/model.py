@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 DEFAULT_MODEL = "default"
-_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
@@ -35,7 +35,7 @@ def default_model_dir() -> Path:
     return Path(str(resources.files("quantkit") / "assets" / "default_model"))
 
 
-def _read_safetensors_header(path: Path) -> dict:
+def read_safetensors_header(path: Path) -> dict:
     """Parse and check a safetensors header; a truncated or corrupt file is a QuantkitError."""
     fix = "re-download or re-save the checkpoint"
     size = path.stat().st_size
@@ -133,7 +133,7 @@ class ModelSource:
     def _index_tensors(self) -> dict[str, TensorInfo]:
         tensors = {}
         for file in self._weight_files():
-            for name, info in _read_safetensors_header(file).items():
+            for name, info in read_safetensors_header(file).items():
                 tensors[name] = TensorInfo(name, file, info["dtype"], tuple(info["shape"]))
         if self.arch.embedding not in tensors:
             raise QuantkitError(f"{self.path} lacks {self.arch.embedding}; the checkpoint is incomplete")

@@ -28,3 +28,18 @@ def test_inspect_bad_file(tmp_path, capsys):
     bad.write_bytes(b"not a gguf file at all")
     assert main(["inspect", str(bad)]) == 2
     assert "not a readable GGUF file" in capsys.readouterr().err
+
+
+def test_inspect_hf_checkpoint_folder(tmp_path, capsys):
+    import quantkit
+
+    result = quantkit.ship(targets=["hf-gptq"], out=tmp_path / "o", eval_samples=1, seq_len=64)
+    folder = result.out_dir / result.artifacts[0].path
+    assert main(["inspect", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["quantization_config"]["quant_method"] == "gptq"
+    assert info["quantized_linears"] == 28
+    # 4-bit codes + fp16 scale and 4-bit zero per 128 weights + an int32 g_idx entry per input column
+    assert 4.15 < info["quantized_bits_per_weight"] < 4.3
+    assert main(["inspect", str(folder)]) == 0
+    assert "quantized linears: 28" in capsys.readouterr().out
