@@ -1,16 +1,21 @@
 """quantkit's GPTQ and AWQ against gptqmodel's (and quantkit's round-to-nearest), on the embedded model.
 
-    GPTQMODEL_CPU_WORKERS=2 python benchmarks/peers.py     # writes benchmarks/results/peers.{md,json}
+    GPTQMODEL_CPU_WORKERS=2 python benchmarks/peers.py [--llmcompressor-python VENV/bin/python]
+    # writes benchmarks/results/peers.{md,json}
 
 Every row quantizes the same model from the same calibration token ids, saves an HF checkpoint,
 loads it with transformers + gptqmodel (the same loader for everyone) and is scored on the same
 evaluation token ids against the same fp32 reference: perplexity, mean KLD, top-1 agreement.
-Quantization time is the wall time of the quantize call (quantkit: its layer-by-layer pass and
-packing; gptqmodel: ``quantize`` + ``save``). CPU only; fp32 compute, except gptqmodel's AWQ, whose CPU
+Quantization time is the wall time of the quantize call (quantkit: model load, layer-by-layer pass,
+packing and save, in a fresh process; gptqmodel: ``load`` + ``quantize`` + ``save``; llm-compressor:
+``oneshot`` + ``save_pretrained``). CPU only; fp32 compute, except gptqmodel's AWQ, whose CPU
 packer only takes bf16/fp16 models (the embedded model's weights are bf16 to begin with).
 
-llm-compressor is not in this table yet: it needs its own virtual environment (it caps
-transformers at 5.17) and was not run here.
+llm-compressor 0.14 caps transformers at 5.17, so it runs in its own virtual environment: pass its
+interpreter with ``--llmcompressor-python``. Its rows are quantized, saved as compressed-tensors,
+reloaded by transformers 5.17 in that environment (benchmarks/peer_llmcompressor.py), and their logits
+are scored here like every other row. Its GPTQ act-order is "weight" ordering (groups stay in
+original column order), not the g_idx ordering of the other act-order rows.
 """
 
 from __future__ import annotations
@@ -20,18 +25,20 @@ import contextlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import quantkit
 from quantkit.checks import MetricAccumulator, score
 from quantkit.data import make_samples
 from quantkit.model import ModelSource
-from quantkit.targets.hf_gptq import hf_logits
+from quantkit.targets.hf_checkpoint import hf_logits
 
 RESULTS = Path(__file__).parent / "results"
 SETTINGS = [  # (method, sym, act_order); round-to-nearest rows are quantkit's baseline on the same grid
@@ -55,11 +62,15 @@ def reference(source: ModelSource, ids: torch.Tensor):
 
 
 def run_quantkit(method: str, sym: bool, act_order: bool, out: Path, calib: int, seq_len: int) -> float:
+    """``quantkit ship`` in a fresh process: gptqmodel, once imported, keeps worker threads that would
+    slow whatever is timed after it in the same process."""
     target = "hf-awq" if method == "awq" else "hf-gptq"  # rtn rows use the GPTQ v1 layout too
-    result = quantkit.ship(targets=[target], out=out, method=method, scheme="sym" if sym else "asym",
-                           act_order=act_order, calib_samples=calib, eval_samples=1, seq_len=seq_len,
-                           max_ppl_increase_pct=1e9, max_kld=1e9, min_top1=0.0)
-    return result.artifacts[0].seconds["export"]
+    cmd = [sys.executable, "-m", "quantkit.cli", "ship", "--targets", target, "--out", str(out), "--method", method,
+           "--scheme", "sym" if sym else "asym", "--calib-samples", str(calib), "--eval-samples", "1",
+           "--seq-len", str(seq_len), "--max-ppl-increase", "1e9", "--max-kld", "1e9", "--min-top1", "0",
+           "--json", "--quiet", *(["--act-order"] if act_order else [])]
+    manifest = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return manifest["artifacts"][0]["seconds"]["export"]
 
 
 def run_gptqmodel(method: str, sym: bool, act_order: bool, out: Path, calib_ids: torch.Tensor) -> float:
@@ -81,12 +92,23 @@ def run_gptqmodel(method: str, sym: bool, act_order: bool, out: Path, calib_ids:
     return time.time() - start
 
 
+def run_llmcompressor(python: str, method: str, sym: bool, act_order: bool, ids_file: Path, tmp: Path):
+    out = tmp / f"llmc-{method}-{sym}-{act_order}.npz"
+    script = Path(__file__).parent / "peer_llmcompressor.py"
+    cmd = [python, str(script), str(ids_file), str(out), method, "sym" if sym else "asym", "1" if act_order else "0"]
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    result = np.load(out)
+    return float(result["seconds"]), list(result["logits"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--eval-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--llmcompressor-python", default=None,
+                    help="python of a virtual environment with llmcompressor 0.14 (adds its rows)")
     args = ap.parse_args()
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
@@ -96,17 +118,23 @@ def main() -> None:
     evals = make_samples(tokenizer, "builtin", "eval", args.eval_samples, args.seq_len)
     ref_logprobs, ref_ppl = reference(source, evals.ids)
     rows = []
+    peers = ("gptqmodel", "llm-compressor") if args.llmcompressor_python else ("gptqmodel",)
     with tempfile.TemporaryDirectory() as tmp:
+        ids_file = Path(tmp) / "ids.npz"
+        np.savez(ids_file, calib=calib.ids.numpy(), eval=evals.ids.numpy())
         for method, sym, act_order in SETTINGS:
-            for tool in ("quantkit",) if method == "rtn" else ("quantkit", "gptqmodel"):
+            for tool in ("quantkit",) if method == "rtn" else ("quantkit", *peers):
                 out = Path(tmp) / f"{tool}-{method}-{sym}-{act_order}"
                 if tool == "quantkit":
                     seconds = run_quantkit(method, sym, act_order, out, args.calib_samples, args.seq_len)
-                    folder = out / ("hf-awq" if method == "awq" else "hf-gptq")
-                else:
+                    logits = hf_logits(out / ("hf-awq" if method == "awq" else "hf-gptq"), evals.ids, False)
+                elif tool == "gptqmodel":
                     seconds = run_gptqmodel(method, sym, act_order, out, calib.ids)
-                    folder = out
-                m = score(evals.ids, hf_logits(folder, evals.ids, progress=False), ref_logprobs, ref_ppl)
+                    logits = hf_logits(out, evals.ids, progress=False)
+                else:
+                    seconds, logits = run_llmcompressor(args.llmcompressor_python, method, sym, act_order,
+                                                        ids_file, Path(tmp))
+                m = score(evals.ids, logits, ref_logprobs, ref_ppl)
                 rows.append({"tool": tool, "method": method, "scheme": "sym" if sym else "asym",
                              "act_order": act_order, "quantize_s": round(seconds, 2), **m.to_dict()})
                 print(json.dumps(rows[-1]), flush=True)
@@ -114,7 +142,11 @@ def main() -> None:
     command = "GPTQMODEL_CPU_WORKERS=2 python benchmarks/peers.py " + " ".join(sys.argv[1:])
     from importlib import metadata
 
-    payload = {"command": command.strip(), "quantkit": quantkit.__version__,
+    llmc = None
+    if args.llmcompressor_python:
+        probe = "from importlib import metadata; print(metadata.version('llmcompressor'))"
+        llmc = subprocess.run([args.llmcompressor_python, "-c", probe], capture_output=True, text=True).stdout.strip()
+    payload = {"command": command.strip(), "quantkit": quantkit.__version__, "llmcompressor": llmc,
                "gptqmodel": metadata.version("gptqmodel"), "transformers": metadata.version("transformers"),
                "python": platform.python_version(), "reference_perplexity": round(ref_ppl, 4),
                "calib_tokens": calib.n_tokens, "eval_tokens": evals.n_tokens, "rows": rows}
@@ -126,12 +158,15 @@ def main() -> None:
 
 def to_markdown(p: dict) -> str:
     lines = [
-        "# quantkit vs gptqmodel: 4-bit, group size 128, embedded model, CPU",
+        "# quantkit vs gptqmodel and llm-compressor: 4-bit, group size 128, embedded model, CPU",
         "",
-        f"Command: `{p['command']}` (quantkit {p['quantkit']}, gptqmodel {p['gptqmodel']}, transformers "
-        f"{p['transformers']}, Python {p['python']}). Same calibration ids ({p['calib_tokens']} tokens) and "
-        f"evaluation ids ({p['eval_tokens']} tokens) for every row; every checkpoint loaded by transformers + "
-        f"gptqmodel and scored against the fp32 reference (perplexity {p['reference_perplexity']}).",
+        f"Command: `{p['command']}` (quantkit {p['quantkit']}, gptqmodel {p['gptqmodel']}, llm-compressor "
+        f"{p['llmcompressor'] or 'not run'}, transformers {p['transformers']}, Python {p['python']}). Same "
+        f"calibration ids ({p['calib_tokens']} tokens) and evaluation ids ({p['eval_tokens']} tokens) for every row; "
+        "quantkit's and gptqmodel's checkpoints loaded by transformers + gptqmodel, llm-compressor's "
+        "compressed-tensors checkpoints by transformers 5.17 in its own environment; all scored against the same "
+        f"fp32 reference (perplexity {p['reference_perplexity']}). llm-compressor's act-order rows use its "
+        "\"weight\" ordering (groups kept in column order).",
         "",
         "| method | scheme | act-order | tool | ppl | Δppl % | KLD | top-1 | quantize s |",
         "|---|---|---|---|---|---|---|---|---|",

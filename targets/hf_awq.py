@@ -6,18 +6,15 @@ quantkit.packing); the norms AWQ rescaled are stored rescaled. 4-bit, group-wise
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.grids import Grid, IntGrid, QuantizedWeight
+from quantkit.grids import IntGrid, QuantizedWeight
 from quantkit.packing import AWQ_ORDER, pack_along_columns
-from quantkit.recipe import Recipe
-from quantkit.targets.base import ExportContext, Target
-from quantkit.targets.hf_gptq import HFGPTQTarget, hf_logits, unsigned_codes_and_zeros, write_quantized_checkpoint
+from quantkit.targets.base import ExportContext
+from quantkit.targets.hf_checkpoint import HFCheckpointTarget, unsigned_codes_and_zeros, write_quantized_checkpoint
 
 
 def awq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
@@ -31,25 +28,8 @@ def awq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
 
 
-class HFAWQTarget(Target):
+class HFAWQTarget(HFCheckpointTarget):
     kind = "hf-awq"
-
-    def __init__(self, option: str | None):
-        if option:
-            raise QuantkitError(f"hf-awq takes no option (got {option!r}); set the group size with --group-size")
-        super().__init__(None)
-
-    def grid(self, recipe: Recipe) -> Grid:
-        return recipe.int_grid()
-
-    def bits_per_weight(self, recipe: Recipe) -> float:
-        return self.grid(recipe).bits_per_weight()
-
-    def filename(self) -> str:
-        return "hf-awq"
-
-    def runtime(self) -> dict:
-        return HFGPTQTarget(None).runtime()
 
     def validate(self, ctx: ExportContext) -> None:
         grid = self.grid(ctx.recipe)
@@ -70,6 +50,3 @@ class HFAWQTarget(Target):
             "version": "gemm",
             "zero_point": True,
         })
-
-    def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:
-        return hf_logits(path, ids, progress)

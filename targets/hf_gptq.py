@@ -8,39 +8,17 @@ checked by loading it with transformers and scoring the logits of that model.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import save_file
-from tqdm import tqdm
 
 from quantkit.errors import QuantkitError
-from quantkit.grids import PER_TENSOR, Grid, IntGrid, QuantizedWeight
+from quantkit.grids import PER_TENSOR, IntGrid, QuantizedWeight
 from quantkit.packing import pack_along_columns, pack_along_rows
-from quantkit.recipe import Recipe
-from quantkit.targets.base import ExportContext, Target
+from quantkit.targets.base import ExportContext
+from quantkit.targets.hf_checkpoint import HFCheckpointTarget, unsigned_codes_and_zeros, write_quantized_checkpoint
 
-WEIGHTS = "model.safetensors"
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                "generation_config.json", "chat_template.jinja")
 PACKABLE_BITS = (2, 4, 8)
-
-
-def unsigned_codes_and_zeros(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes shifted to [0, 2^b) and integer zero points ``(rows, groups)`` for an IntGrid weight."""
-    grid = qw.grid
-    if grid.symmetric:
-        offset = 2 ** (grid.bits - 1)
-        zeros = torch.full(qw.params.scale.shape[:2], offset, dtype=torch.int32)
-        return qw.codes + offset, zeros
-    return qw.codes, qw.params.zero[..., 0].to(torch.int32)
 
 
 def gptq_tensors(qw: QuantizedWeight, group_size: int) -> dict[str, torch.Tensor]:
@@ -61,84 +39,8 @@ def gptq_tensors(qw: QuantizedWeight, group_size: int) -> dict[str, torch.Tensor
     }
 
 
-def write_quantized_checkpoint(ctx: ExportContext, path: Path, grid: IntGrid,
-                               pack: Callable[[QuantizedWeight], dict[str, torch.Tensor]],
-                               quantization_config: dict) -> None:
-    """An HF folder: quantized linears packed by ``pack``, every other tensor in fp16 (as the
-    method left it: AWQ rescales norms), config with ``quantization_config``, tokenizer copied."""
-    source = ctx.source
-    quantized = set(ctx.quantized_names)
-    path.mkdir()
-    tensors: dict[str, torch.Tensor] = {}
-    for name in tqdm(sorted(source.tensors), desc=f"write {path.name}", unit="tensor", disable=not ctx.progress,
-                     leave=False):
-        if name in quantized:
-            prefix = name.removesuffix(".weight")
-            tensors.update({f"{prefix}.{key}": value for key, value in pack(ctx.quantize(name, grid)).items()})
-        else:
-            tensors[name] = ctx.load(name, grid).to(torch.float16)
-    save_file(tensors, path / WEIGHTS, metadata={"format": "pt"})
-    config = dict(source.config)
-    config.pop("torch_dtype", None)
-    config["dtype"] = "float16"
-    config["quantization_config"] = quantization_config
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    copy_model_files(source.path, path)
-
-
-def copy_model_files(source_dir: Path, dest: Path) -> None:
-    for name in COPIED_FILES:
-        if (source_dir / name).is_file():
-            shutil.copy(source_dir / name, dest / name)
-
-
-def hf_logits(path: Path, ids: torch.Tensor, progress: bool) -> Iterator[np.ndarray]:
-    """Logits from the checkpoint folder loaded by transformers with its own quantization backend."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
-    hf_logging.disable_progress_bar()
-    try:
-        # gptqmodel prints banners and logs on stdout; keep stdout clean for --json
-        with contextlib.redirect_stdout(sys.stderr):
-            # fp32 activations: what a CPU deployment runs; the packed weights are decoded by the backend
-            model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32)
-    except ImportError as exc:
-        raise QuantkitError(f"transformers cannot load {path.name} ({exc}); pip install 'quantkit[hf]'") from None
-    model.eval()
-    with torch.no_grad():
-        for row in tqdm(ids, desc=f"transformers {path.name}", unit="seq", disable=not progress, leave=False):
-            yield model(input_ids=row[None]).logits[0].float().numpy()
-
-
-class HFGPTQTarget(Target):
+class HFGPTQTarget(HFCheckpointTarget):
     kind = "hf-gptq"
-
-    def __init__(self, option: str | None):
-        if option:
-            raise QuantkitError(f"hf-gptq takes no option (got {option!r}); set the grid with --bits/--group-size")
-        super().__init__(None)
-
-    def grid(self, recipe: Recipe) -> Grid:
-        return recipe.int_grid()
-
-    def bits_per_weight(self, recipe: Recipe) -> float:
-        return self.grid(recipe).bits_per_weight()
-
-    def filename(self) -> str:
-        return "hf-gptq"
-
-    def runtime(self) -> dict:
-        from importlib import metadata
-
-        versions = {}
-        for package in ("transformers", "gptqmodel", "optimum"):
-            try:
-                versions[package] = metadata.version(package)
-            except metadata.PackageNotFoundError:
-                versions[package] = None
-        return {"name": "transformers + gptqmodel", "version": versions}
 
     def validate(self, ctx: ExportContext) -> None:
         grid = self.grid(ctx.recipe)
@@ -165,6 +67,3 @@ class HFGPTQTarget(Target):
             "pack_dtype": "int32",
             "lm_head": ctx.source.arch.lm_head in ctx.quantized_names,
         })
-
-    def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:
-        return hf_logits(path, ids, progress)

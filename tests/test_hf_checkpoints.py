@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import quantkit
 from quantkit.model import ModelSource
 from quantkit.packing import awq_dequantize, gptq_dequantize
-from quantkit.targets.hf_gptq import hf_logits
+from quantkit.targets.hf_checkpoint import hf_logits
 
 
 def decoded_reference(folder, kind: str):

@@ -1,0 +1,70 @@
+"""One llm-compressor run for benchmarks/peers.py, executed with llm-compressor's own interpreter.
+
+    /path/to/llmcompressor-venv/bin/python benchmarks/peer_llmcompressor.py IDS.npz OUT.npz METHOD SCHEME ACT_ORDER
+
+llm-compressor 0.14 caps transformers at 5.17, so it lives in its own virtual environment (see
+../shared/docs/stack.md). This script quantizes the embedded model from the calibration ids in
+IDS.npz, saves the compressed-tensors checkpoint, reloads it with transformers (which decodes
+compressed-tensors) and writes the evaluation logits and the quantization wall time to OUT.npz;
+peers.py scores them against the same reference as every other row. It imports nothing of quantkit.
+Act-order: llm-compressor 0.14's GPTQ accepts only "weight"/"static" ordering (columns reordered, groups
+kept in original order, like quantkit's --act-order --static-groups), not g_idx-style "group" ordering.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODEL = Path(__file__).resolve().parents[1] / "quantkit" / "assets" / "default_model"
+
+
+def _cpu_friendly_awq() -> None:
+    """llm-compressor's activation cache pins memory, which needs CUDA; on CPU pinning is pointless."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if hasattr(IntermediatesCache, "pin_memory"):
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+
+
+def main() -> None:
+    ids_path, out_path, method, scheme, act_order = sys.argv[1:6]
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    ids = np.load(ids_path)
+    calib, evals = ids["calib"], ids["eval"]
+    dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": np.ones_like(calib).tolist()})
+    w_scheme = "W4A16" if scheme == "sym" else "W4A16_ASYM"
+    if method == "gptq":
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        recipe = GPTQModifier(targets="Linear", scheme=w_scheme, ignore=["lm_head"], dampening_frac=0.01,
+                              actorder="weight" if act_order == "1" else None)
+    else:
+        from llmcompressor.modifiers.awq import AWQModifier
+
+        _cpu_friendly_awq()
+        recipe = AWQModifier(targets=["Linear"], scheme=w_scheme, ignore=["lm_head"])
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.time()
+        oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=calib.shape[1],
+                num_calibration_samples=calib.shape[0])
+        model.save_pretrained(tmp, save_compressed=True)
+        seconds = time.time() - start
+        loaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        loaded.eval()
+        with torch.no_grad():
+            logits = np.stack([loaded(input_ids=torch.from_numpy(row)[None]).logits[0].numpy() for row in evals])
+    np.savez(out_path, logits=logits, seconds=np.array(seconds))
+
+
+if __name__ == "__main__":
+    main()
