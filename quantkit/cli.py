@@ -81,6 +81,9 @@ def _add_ship(sub) -> None:
     d.add_argument("--eval-samples", type=int, default=16, help="evaluation sequences (default: 16)")
     d.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default: 512)")
     g = p.add_argument_group("accuracy gates (defaults depend on bits per weight; see README)")
+    g.add_argument("--runtime", choices=("transformers", "quantkit"), default="transformers",
+                   help="what loads hf-gptq / hf-awq artifacts for checking: transformers + gptqmodel, or "
+                   "quantkit's own QuantLinear runtime (default: transformers)")
     g.add_argument("--max-ppl-increase", type=float, default=None, metavar="PCT",
                    help="largest allowed perplexity increase over the reference, in percent")
     g.add_argument("--max-kld", type=float, default=None, help="largest allowed mean KL divergence (nats)")
@@ -134,7 +137,7 @@ def _run_ship(args) -> int:
     recipe = Recipe(
         method=args.method, bits=args.bits, group_size=args.group_size, scheme=args.scheme,
         damp_percent=args.damp_percent, act_order=args.act_order, static_groups=args.static_groups,
-        device=args.device,
+        device=args.device, runtime=args.runtime,
         quantize_embeddings=args.quantize_embeddings, quantize_lm_head=args.quantize_lm_head,
         exclude=args.exclude, calib=args.calib, calib_samples=args.calib_samples, eval=args.eval,
         eval_samples=args.eval_samples, seq_len=args.seq_len, max_ppl_increase_pct=args.max_ppl_increase,

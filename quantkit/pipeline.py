@@ -206,6 +206,8 @@ def ship(
     parsed = [parse_target(t) for t in targets]
     if not parsed:
         raise QuantkitError("no targets given; pass e.g. --targets gguf:Q4_0,gguf:Q8_0")
+    for target in parsed:
+        target.configure(recipe)
     names = [t.name for t in parsed]
     if len(set(names)) != len(names):
         raise QuantkitError(f"a target is listed twice in {', '.join(names)}; list each once")

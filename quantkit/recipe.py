@@ -22,6 +22,7 @@ class Recipe:
     damp_percent: float = 0.01  # GPTQ: Hessian damping, fraction of its mean diagonal
     act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
     static_groups: bool = False  # GPTQ: fit group parameters before the sweep
+    runtime: str = "transformers"  # what loads hf-gptq / hf-awq for checking: transformers or quantkit
     device: str = "auto"  # where GPTQ/AWQ run their layer-by-layer pass: auto (cuda if present), cpu, cuda
     quantize_embeddings: bool = False
     quantize_lm_head: bool = False
@@ -46,6 +47,8 @@ class Recipe:
             raise QuantkitError(f"--group-size {self.group_size} is invalid; use a positive size, -1 or 0")
         if not 0 < self.damp_percent < 1:
             raise QuantkitError(f"--damp-percent {self.damp_percent} is out of range; use a value in (0, 1)")
+        if self.runtime not in ("transformers", "quantkit"):
+            raise QuantkitError(f"--runtime {self.runtime!r} is unknown; use transformers or quantkit")
         if self.device not in ("auto", "cpu", "cuda"):
             raise QuantkitError(f"--device {self.device!r} is unknown; use auto, cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -52,6 +52,9 @@ class Target(ABC):
     def filename(self) -> str:
         """File or folder name of the artifact inside the output folder."""
 
+    def configure(self, recipe: Recipe) -> None:  # noqa: B027 - optional hook
+        """Take run-wide choices that affect checking (e.g. which runtime loads the artifact)."""
+
     def validate(self, ctx: ExportContext) -> None:  # noqa: B027 - optional hook, most targets add checks
         """Reject impossible combinations before any work starts."""
 

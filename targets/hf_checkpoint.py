@@ -96,6 +96,10 @@ class HFCheckpointTarget(Target):
             raise QuantkitError(f"{self.kind} takes no option (got {option!r}); set the grid with "
                                 "--bits / --group-size / --scheme")
         super().__init__(None)
+        self.checked_by = "transformers"
+
+    def configure(self, recipe: Recipe) -> None:
+        self.checked_by = recipe.runtime
 
     def grid(self, recipe: Recipe) -> Grid:
         return recipe.int_grid()
@@ -107,6 +111,11 @@ class HFCheckpointTarget(Target):
         return self.kind
 
     def runtime(self) -> dict:
+        if self.checked_by == "quantkit":
+            from quantkit import __version__
+
+            return {"name": "quantkit QuantLinear (torch reference on CPU, Triton W4A16 on CUDA)",
+                    "version": {"quantkit": __version__, "torch": torch.__version__}}
         versions = {}
         for package in ("transformers", "gptqmodel", "optimum"):
             try:
@@ -116,4 +125,17 @@ class HFCheckpointTarget(Target):
         return {"name": "transformers + gptqmodel", "version": versions}
 
     def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:
+        if self.checked_by == "quantkit":
+            return quantkit_logits(path, ids, progress)
         return hf_logits(path, ids, progress)
+
+
+def quantkit_logits(path: Path, ids: torch.Tensor, progress: bool) -> Iterator[np.ndarray]:
+    """Logits from quantkit's own runtime: the folder loaded with QuantLinear layers."""
+    from quantkit.kernels.quant_linear import load_quantized_model
+
+    model = load_quantized_model(path)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for row in tqdm(ids, desc=f"quantkit {path.name}", unit="seq", disable=not progress, leave=False):
+            yield model(input_ids=row[None].to(device)).logits[0].float().cpu().numpy()

@@ -5,35 +5,10 @@ pipeline scores artifacts from that loaded model."""
 import gptqmodel  # noqa: F401  a required test dependency: transformers' backend for these formats
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import quantkit
-from quantkit.model import ModelSource
-from quantkit.packing import awq_dequantize, gptq_dequantize
 from quantkit.targets.hf_checkpoint import hf_logits
-
-
-def decoded_reference(folder, kind: str):
-    """The source model in fp32 carrying the folder's tensors, quantized ones decoded by quantkit.packing."""
-    config = __import__("json").loads((folder / "config.json").read_text())["quantization_config"]
-    stored = load_file(folder / "model.safetensors")
-    model = ModelSource().hf_model()
-    state = model.state_dict()
-    with torch.no_grad():
-        for name, tensor in stored.items():
-            if name.endswith(".qweight"):
-                prefix = name.removesuffix(".qweight")
-                if kind == "hf-gptq":
-                    w = gptq_dequantize(tensor, stored[f"{prefix}.qzeros"], stored[f"{prefix}.scales"],
-                                        stored[f"{prefix}.g_idx"], config["bits"])
-                else:
-                    w = awq_dequantize(tensor, stored[f"{prefix}.qzeros"], stored[f"{prefix}.scales"],
-                                       config["group_size"])
-                state[f"{prefix}.weight"].copy_(w)
-            elif name in state:
-                state[name].copy_(tensor.float())
-    return model
-
+from tests.helpers import decoded_reference
 
 CASES = {
     "gptq-sym-actorder": dict(targets=["hf-gptq"], method="gptq", scheme="sym", act_order=True),

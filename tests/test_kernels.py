@@ -1,0 +1,156 @@
+"""Triton kernels under TRITON_INTERPRET=1 against their plain-torch references, QuantLinear, and
+quantkit's own runtime for hf-gptq / hf-awq folders."""
+
+import pytest
+import torch
+
+from quantkit.calibrate import LinearStats
+from quantkit.grids import IntGrid
+from quantkit.kernels import reference
+from quantkit.kernels import w4a16 as tk
+from quantkit.kernels.quant_linear import QuantLinear
+from quantkit.methods import RoundToNearest
+from quantkit.methods.gptq import GPTQConfig, gptq_quantize
+from quantkit.targets.hf_awq import awq_tensors
+from quantkit.targets.hf_gptq import gptq_tensors
+
+N, K, GROUP = 200, 384, 128  # N and K are not multiples of the 64-wide blocks: masking is exercised
+
+
+def packed(layout: str, act_order: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.05
+    grid = IntGrid(bits=4, group_size=GROUP, symmetric=False, fp16_scales=True, min_zero=1)
+    if act_order:
+        x = torch.randn(256, K, generator=g) * torch.linspace(0.1, 3, K)
+        stats = LinearStats(torch.zeros(K, K, dtype=torch.float64))
+        stats.add(x)
+        qw = gptq_quantize(w, stats.gram, grid, GPTQConfig(act_order=True))
+    else:
+        qw = RoundToNearest().quantize_weight(w, grid)
+    t = gptq_tensors(qw, GROUP) if layout == "gptq" else awq_tensors(qw)
+    t.setdefault("g_idx", None)
+    return t
+
+
+CASES = [("gptq", False), ("gptq", True), ("awq", False)]
+
+
+@pytest.mark.parametrize("layout,act_order", CASES)
+def test_dequantize_is_exact(layout, act_order):
+    t = packed(layout, act_order)
+    args = (t["qweight"], t["qzeros"], t["scales"], t["g_idx"], layout, GROUP)
+    for dtype in (torch.float32, torch.float16):
+        assert torch.equal(tk.dequantize(*args, dtype), reference.dequantize(*args, dtype))
+
+
+# Tolerances: fp32 differs only by summation order (~1e-6 relative). fp16 / bf16 results are
+# rounded to the output dtype once (half an ulp: 2^-11 / 2^-8 relative), and the interpreter's
+# fp32 -> bf16 cast truncates instead of rounding, so bf16 gets two ulps.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2 * 2**-8}
+
+
+@pytest.mark.parametrize("layout,act_order", CASES)
+@pytest.mark.parametrize("m", [1, 5, 40, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_w4a16_matmul_matches_reference(layout, act_order, m, dtype):
+    t = packed(layout, act_order)
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).to(dtype)
+    args = (t["qweight"], t["qzeros"], t["scales"], t["g_idx"], layout, GROUP)
+    ours = tk.w4a16_matmul(x, *args)
+    ref = reference.w4a16_matmul(x, *args)
+    assert ours.shape == (m, N) and ours.dtype == dtype
+    scale = ref.float().abs().max().item()
+    assert (ours.float() - ref.float()).abs().max().item() <= TOLERANCE[dtype] * scale
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_split_k_sums_to_the_same_result(split_k):
+    t = packed("gptq")
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(7))
+    args = (t["qweight"], t["qzeros"], t["scales"], t["g_idx"], "gptq", GROUP)
+    config = tk.GemmConfig(16, 64, 64, split_k=split_k)
+    torch.testing.assert_close(tk.w4a16_matmul(x, *args, config=config), reference.w4a16_matmul(x, *args),
+                               rtol=1e-5, atol=1e-5)  # fp32; atomic adds change only summation order
+
+
+def test_batched_input_keeps_leading_dims():
+    t = packed("awq")
+    x = torch.randn(2, 3, K)
+    out = tk.w4a16_matmul(x, t["qweight"], t["qzeros"], t["scales"], None, "awq", GROUP)
+    assert out.shape == (2, 3, N)
+
+
+def test_wrapper_checks_inputs():
+    t = packed("gptq")
+    with pytest.raises(ValueError, match="needs g_idx"):
+        tk.w4a16_matmul(torch.randn(1, K), t["qweight"], t["qzeros"], t["scales"], None, "gptq", GROUP)
+    with pytest.raises(ValueError, match="features"):
+        tk.w4a16_matmul(torch.randn(1, K + 8), t["qweight"], t["qzeros"], t["scales"], t["g_idx"], "gptq", GROUP)
+    with pytest.raises(ValueError, match="unknown layout"):
+        tk.dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], "exl2", GROUP)
+
+
+@pytest.mark.parametrize("layout,act_order", CASES)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_quant_linear_equals_dequantized_matmul(layout, act_order, backend):
+    t = packed(layout, act_order)
+    bias = torch.randn(N)
+    layer = QuantLinear(K, N, layout, GROUP, {k: v for k, v in t.items() if v is not None}, bias, backend)
+    x = torch.randn(4, K)
+    expected = x @ layer.dequantized_weight().T + bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dry_run_of_the_gpu_benchmark(capsys):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "benchmarks/kernels.py", "--dry-run", "--json"], check=True,
+                         capture_output=True, text=True).stdout
+    plan = json.loads(out)
+    assert {(r["K"], r["N"]) for r in plan["rows"]} == {(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)}
+    assert {r["M"] for r in plan["rows"]} == {1, 4, 16, 64, 256, 2048}
+    assert all(r["checked"] for r in plan["rows"])
+
+
+@pytest.fixture(scope="module")
+def shipped_with_quantkit_runtime(tmp_path_factory):
+    import quantkit
+
+    out = tmp_path_factory.mktemp("qk-runtime")
+    gptq = quantkit.ship(targets=["hf-gptq"], out=out / "gptq", method="gptq", act_order=True, scheme="asym",
+                         runtime="quantkit", eval_samples=2, calib_samples=4, seq_len=128)
+    awq = quantkit.ship(targets=["hf-awq"], out=out / "awq", method="awq", scheme="asym", runtime="quantkit",
+                        eval_samples=2, calib_samples=4, seq_len=128)
+    return [gptq, awq]
+
+
+def test_quantkit_runtime_checks_hf_folders(shipped_with_quantkit_runtime):
+    from quantkit.kernels.quant_linear import load_quantized_model
+    from tests.helpers import decoded_reference
+
+    ids = torch.randint(1, 4096, (1, 64), generator=torch.Generator().manual_seed(3))
+    for result in shipped_with_quantkit_runtime:
+        art = result.artifacts[0]
+        assert result.ok and art.runtime["name"].startswith("quantkit QuantLinear")
+        folder = result.out_dir / art.path
+        model = load_quantized_model(folder)
+        assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits,
+                                       decoded_reference(folder, art.target)(input_ids=ids).logits)
+
+
+def test_triton_path_through_a_loaded_model(shipped_with_quantkit_runtime):
+    from quantkit.kernels.quant_linear import load_quantized_model
+
+    result = shipped_with_quantkit_runtime[0]
+    folder = result.out_dir / result.artifacts[0].path
+    ids = torch.randint(1, 4096, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch_logits = load_quantized_model(folder, backend="torch")(input_ids=ids).logits
+        triton_logits = load_quantized_model(folder, backend="triton")(input_ids=ids).logits
+    # fp32 throughout; the kernel sums K in 64-wide tiles, the reference in one matmul
+    torch.testing.assert_close(triton_logits, torch_logits, rtol=1e-4, atol=1e-4)
