@@ -23,8 +23,10 @@ PACKED = ("qweight", "qzeros", "scales", "g_idx")
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, layout: str, group_size: int,
-                 tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, backend: str = "auto"):
+                 tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, backend: str = "auto",
+                 bits: int = 4):
         super().__init__()
+        self.bits = bits
         if layout not in reference.LAYOUTS or backend not in BACKENDS:
             raise ValueError(f"layout must be one of {reference.LAYOUTS} and backend one of {BACKENDS}")
         self.in_features, self.out_features = in_features, out_features
@@ -42,21 +44,22 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return reference.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.layout,
-                                    self.group_size, dtype)
+                                    self.group_size, dtype, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_triton(x):
             from quantkit.kernels.w4a16 import w4a16_matmul
 
-            y = w4a16_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.layout, self.group_size)
+            y = w4a16_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.layout, self.group_size,
+                             bits=self.bits)
         else:
             y = reference.w4a16_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.layout,
-                                       self.group_size)
+                                       self.group_size, self.bits)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}, "
-                f"group_size={self.group_size}, backend={self.backend}")
+                f"bits={self.bits}, group_size={self.group_size}, backend={self.backend}")
 
 
 def load_quantized_model(folder: str | Path, dtype: torch.dtype = torch.float32, backend: str = "auto"):
@@ -67,8 +70,10 @@ def load_quantized_model(folder: str | Path, dtype: torch.dtype = torch.float32,
     raw = json.loads((folder / "config.json").read_text())
     quant = raw.get("quantization_config") or {}
     layout = {"gptq": "gptq", "awq": "awq"}.get(quant.get("quant_method"))
-    if layout is None or quant.get("bits") != 4:
-        raise QuantkitError(f"{folder} is not a 4-bit GPTQ or AWQ checkpoint; quantkit's runtime reads only those")
+    bits = quant.get("bits")
+    if layout is None or bits not in ((2, 4, 8) if layout == "gptq" else (4,)):
+        raise QuantkitError(f"{folder} is not a 2/4/8-bit GPTQ or 4-bit AWQ checkpoint; quantkit's runtime reads "
+                            "only those")
     config = AutoConfig.from_pretrained(folder)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -80,8 +85,9 @@ def load_quantized_model(folder: str | Path, dtype: torch.dtype = torch.float32,
         linear = modules[name]
         packed = {key: tensors[f"{name}.{key}"] for key in PACKED if f"{name}.{key}" in tensors}
         bias = tensors.get(f"{name}.bias")
-        quant_linear = QuantLinear(linear.in_features, linear.out_features, layout, quant["group_size"], packed,
-                                   None if bias is None else bias.to(dtype), backend)
+        group_size = quant["group_size"] if quant["group_size"] > 0 else linear.in_features
+        quant_linear = QuantLinear(linear.in_features, linear.out_features, layout, group_size, packed,
+                                   None if bias is None else bias.to(dtype), backend, bits)
         parent, _, child = name.rpartition(".")
         setattr(modules[parent], child, quant_linear)
     for name, tensor in tensors.items():

@@ -1,5 +1,6 @@
-"""Triton kernels for packed 4-bit weights (GPTQ v1 and AWQ GEMM layouts): dequantize, and a
-W4A16 GEMM that dequantizes inside the K loop, with a split-K variant for small M (decode).
+"""Triton kernels for packed weights (GPTQ v1 layout at 2, 4 or 8 bits; AWQ GEMM at 4 bits): dequantize,
+and a weight-only GEMM (W4A16 and friends) that dequantizes inside the K loop, with a split-K variant
+for small M (decode).
 
 Each wrapper checks its inputs, allocates the output, and launches. The kernels run on CUDA and
 under Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors), which is how CI tests them. Block
@@ -23,15 +24,17 @@ GPTQ, AWQ = 0, 1
 
 @triton.jit
 def _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, K, N, group_size,
-                  LAYOUT: tl.constexpr):
+                  LAYOUT: tl.constexpr, BITS: tl.constexpr):
     """A (BLOCK_K, BLOCK_N) fp32 tile of W^T (input rows, output columns)."""
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    if LAYOUT == 0:  # GPTQ: word [k // 8, n], nibble k % 8; zeros packed along n, stored minus one
-        packed = tl.load(qweight_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=mask, other=0)
-        q = (packed >> ((offs_k[:, None] % 8) * 4)) & 0xF
+    if LAYOUT == 0:  # GPTQ: word [k // f, n], slot k % f (f = 32 / BITS); zeros along n, stored minus one
+        per_word: tl.constexpr = 32 // BITS
+        code_mask: tl.constexpr = (1 << BITS) - 1
+        packed = tl.load(qweight_ptr + (offs_k[:, None] // per_word) * N + offs_n[None, :], mask=mask, other=0)
+        q = (packed >> ((offs_k[:, None] % per_word) * BITS)) & code_mask
         g = tl.load(g_idx_ptr + offs_k, mask=offs_k < K, other=0)
-        zword = tl.load(qzeros_ptr + g[:, None] * (N // 8) + offs_n[None, :] // 8, mask=mask, other=0)
-        z = ((zword >> ((offs_n[None, :] % 8) * 4)) & 0xF) + 1
+        zword = tl.load(qzeros_ptr + g[:, None] * (N // per_word) + offs_n[None, :] // per_word, mask=mask, other=0)
+        z = ((zword >> ((offs_n[None, :] % per_word) * BITS)) & code_mask) + 1
     else:  # AWQ: word [k, n // 8], column c = n % 8 sits in nibble (c % 2) * 4 + c // 2
         slot = (offs_n[None, :] % 8 % 2) * 4 + (offs_n[None, :] % 8) // 2
         packed = tl.load(qweight_ptr + offs_k[:, None] * (N // 8) + offs_n[None, :] // 8, mask=mask, other=0)
@@ -45,10 +48,11 @@ def _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n
 
 @triton.jit
 def _dequant_kernel(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr, K, N, group_size,
-                    LAYOUT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                    LAYOUT: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    w = _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, K, N, group_size, LAYOUT)
+    w = _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, K, N, group_size, LAYOUT,
+                      BITS)
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     # the output is the torch weight layout (N, K): element [n, k]
     tl.store(out_ptr + offs_n[None, :] * K + offs_k[:, None], w.to(out_ptr.dtype.element_ty), mask=mask)
@@ -57,7 +61,7 @@ def _dequant_kernel(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr, K, 
 @triton.jit
 def _gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr, M, N, K, group_size,
                  stride_xm, stride_om, k_per_split,
-                 LAYOUT: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr,
+                 LAYOUT: tl.constexpr, BITS: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[M, N] (+)= x[M, K] @ W^T[K, N]; with SPLIT_K > 1 each program sums one K range atomically."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -69,7 +73,8 @@ def _gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr,
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
-        w = _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, K, N, group_size, LAYOUT)
+        w = _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, K, N, group_size, LAYOUT,
+                          BITS)
         if UPCAST:
             acc += tl.dot(x.to(tl.float32), w)
         else:
@@ -116,19 +121,22 @@ def launch_plan(m: int, n: int, k: int, config: GemmConfig) -> tuple[int, tuple[
     return k_per_split, (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), triton.cdiv(k, k_per_split))
 
 
-def _check(qweight, qzeros, scales, g_idx, layout: str, group_size: int) -> tuple[int, int, int]:
-    """(K, N, layout id) after checking shapes and dtypes of a packed 4-bit weight."""
+def _check(qweight, qzeros, scales, g_idx, layout: str, group_size: int, bits: int) -> tuple[int, int, int]:
+    """(K, N, layout id) after checking shapes and dtypes of a packed weight."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if bits not in ((2, 4, 8) if layout == "gptq" else (4,)):
+        raise ValueError(f"{layout} layout cannot hold {bits}-bit codes")
     if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
         raise TypeError("qweight and qzeros must be int32")
+    per_word = 32 // bits
     if layout == "gptq":
-        k, n = qweight.shape[0] * 8, qweight.shape[1]
+        k, n = qweight.shape[0] * per_word, qweight.shape[1]
         if g_idx is None or g_idx.shape != (k,):
             raise ValueError(f"gptq layout needs g_idx of shape ({k},)")
     else:
-        k, n = qweight.shape[0], qweight.shape[1] * 8
-    if scales.shape[1] != n or qzeros.shape[1] * 8 != n or n % 8:
+        k, n = qweight.shape[0], qweight.shape[1] * per_word
+    if scales.shape[1] != n or qzeros.shape[1] * per_word != n or n % per_word:
         raise ValueError(f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not fit N={n}")
     if group_size <= 0 or k % group_size:
         raise ValueError(f"group size {group_size} must divide K={k}")
@@ -140,22 +148,22 @@ def _g_idx_or_dummy(g_idx: torch.Tensor | None, qweight: torch.Tensor) -> torch.
 
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
-               layout: str, group_size: int, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+               layout: str, group_size: int, out_dtype: torch.dtype = torch.float16, bits: int = 4) -> torch.Tensor:
     """Triton version of quantkit.kernels.reference.dequantize: the (N, K) weight."""
-    k, n, layout_id = _check(qweight, qzeros, scales, g_idx, layout, group_size)
+    k, n, layout_id = _check(qweight, qzeros, scales, g_idx, layout, group_size, bits)
     out = torch.empty(n, k, dtype=out_dtype, device=qweight.device)
     block_k, block_n = 64, 64
     grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
     _dequant_kernel[grid](qweight, qzeros, scales, _g_idx_or_dummy(g_idx, qweight), out, k, n, group_size,
-                          LAYOUT=layout_id, BLOCK_K=block_k, BLOCK_N=block_n)
+                          LAYOUT=layout_id, BITS=bits, BLOCK_K=block_k, BLOCK_N=block_n)
     return out
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                  g_idx: torch.Tensor | None, layout: str, group_size: int,
-                 config: GemmConfig | None = None) -> torch.Tensor:
+                 config: GemmConfig | None = None, bits: int = 4) -> torch.Tensor:
     """``x @ W.T`` with W dequantized tile by tile inside the K loop; x is (..., K), fp16/bf16/fp32."""
-    k, n, layout_id = _check(qweight, qzeros, scales, g_idx, layout, group_size)
+    k, n, layout_id = _check(qweight, qzeros, scales, g_idx, layout, group_size, bits)
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -168,6 +176,6 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     out = torch.zeros(m, n, dtype=torch.float32 if split_k > 1 else x.dtype, device=x.device)
     _gemm_kernel[grid](x2, qweight, qzeros, scales, _g_idx_or_dummy(g_idx, qweight), out, m, n, k, group_size,
                        x2.stride(0), out.stride(0), k_per_split,
-                       LAYOUT=layout_id, UPCAST=x.dtype != torch.float16, SPLIT_K=split_k,
+                       LAYOUT=layout_id, BITS=bits, UPCAST=x.dtype != torch.float16, SPLIT_K=split_k,
                        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
     return out.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -51,6 +51,12 @@ class HFGPTQTarget(HFCheckpointTarget):
             raise QuantkitError("hf-gptq has no per-tensor scales; use --group-size -1 (per channel) or a group size")
         if ctx.recipe.quantize_embeddings:
             raise QuantkitError("hf-gptq cannot store a quantized token embedding; drop --quantize-embeddings")
+        per_word = 32 // grid.bits
+        for name in ctx.quantized_names:
+            rows, cols = ctx.source.tensors[name].shape
+            if rows % per_word or cols % per_word:
+                raise QuantkitError(f"hf-gptq packs {per_word} {grid.bits}-bit codes per int32: {name} ({rows}x{cols}) "
+                                    f"needs both dimensions divisible by {per_word}; use more bits or --exclude it")
 
     def export(self, ctx: ExportContext, path: Path) -> None:
         grid: IntGrid = self.grid(ctx.recipe)

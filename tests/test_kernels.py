@@ -17,10 +17,10 @@ from quantkit.targets.hf_gptq import gptq_tensors
 N, K, GROUP = 200, 384, 128  # N and K are not multiples of the 64-wide blocks: masking is exercised
 
 
-def packed(layout: str, act_order: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+def packed(layout: str, act_order: bool = False, seed: int = 0, bits: int = 4, n: int = N) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(N, K, generator=g) * 0.05
-    grid = IntGrid(bits=4, group_size=GROUP, symmetric=False, fp16_scales=True, min_zero=1)
+    w = torch.randn(n, K, generator=g) * 0.05
+    grid = IntGrid(bits=bits, group_size=GROUP, symmetric=False, fp16_scales=True, min_zero=1)
     if act_order:
         x = torch.randn(256, K, generator=g) * torch.linspace(0.1, 3, K)
         stats = LinearStats(torch.zeros(K, K, dtype=torch.float64))
@@ -62,6 +62,19 @@ def test_w4a16_matmul_matches_reference(layout, act_order, m, dtype):
     assert ours.shape == (m, N) and ours.dtype == dtype
     scale = ref.float().abs().max().item()
     assert (ours.float() - ref.float()).abs().max().item() <= TOLERANCE[dtype] * scale
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_other_gptq_bit_widths(bits):
+    t = packed("gptq", bits=bits, n=208)  # 2-bit zeros pack 16 outputs per word
+    args = (t["qweight"], t["qzeros"], t["scales"], t["g_idx"], "gptq", GROUP)
+    assert torch.equal(tk.dequantize(*args, torch.float32, bits=bits),
+                       reference.dequantize(*args, torch.float32, bits))
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(bits))
+    torch.testing.assert_close(tk.w4a16_matmul(x, *args, bits=bits), reference.w4a16_matmul(x, *args, bits),
+                               rtol=1e-5, atol=1e-5)  # fp32: summation order only
+    with pytest.raises(ValueError, match="cannot hold"):
+        tk.dequantize(*args[:4], "awq", GROUP, bits=bits)
 
 
 @pytest.mark.parametrize("split_k", [1, 2, 3])
