@@ -167,3 +167,44 @@ def test_triton_path_through_a_loaded_model(shipped_with_quantkit_runtime):
         triton_logits = load_quantized_model(folder, backend="triton")(input_ids=ids).logits
     # fp32 throughout; the kernel sums K in 64-wide tiles, the reference in one matmul
     torch.testing.assert_close(triton_logits, torch_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_per_token_quantize_matches_reference():
+    from quantkit.kernels import w8a8
+
+    x = torch.randn(37, 300, generator=torch.Generator().manual_seed(11)) * 3  # 300: not a block multiple
+    x[5] = 0.0  # an all-zero token keeps scale 1
+    q, s = w8a8.quantize_per_token(x)
+    q_ref, s_ref = w8a8.quantize_per_token_reference(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)  # same fp32 ops, same rounding rule
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_w8a8_matmul_matches_reference(dtype):
+    from quantkit.kernels import w8a8
+
+    g = torch.Generator().manual_seed(12)
+    xq, xs = w8a8.quantize_per_token_reference(torch.randn(37, 300, generator=g))
+    wq, ws = w8a8.quantize_per_token_reference(torch.randn(70, 300, generator=g))  # per-channel weight scales
+    ours = w8a8.w8a8_matmul(xq, xs, wq, ws, dtype)
+    ref = w8a8.w8a8_matmul_reference(xq, xs, wq, ws, dtype)
+    # the int32 accumulation is exact; only the final rounding to the output dtype can differ
+    # (the interpreter truncates fp32 -> bf16: up to one ulp, 2^-7 relative)
+    ulp = {torch.float32: 1e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+    assert (ours.float() - ref.float()).abs().max().item() <= ulp * ref.float().abs().max().item()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_groupwise_quantize_equals_round_to_nearest(bits, symmetric):
+    from quantkit.kernels.quantize import quantize_groupwise
+
+    w = torch.randn(70, 256, generator=torch.Generator().manual_seed(bits)) * 0.1  # 70 rows: a partial block
+    w[3, :32] = 0.0
+    grid = IntGrid(bits=bits, group_size=32, symmetric=symmetric, min_zero=0 if symmetric else 1)
+    ours = quantize_groupwise(w, grid)
+    ref = RoundToNearest().quantize_weight(w, grid)
+    assert torch.equal(ours.codes, ref.codes)
+    assert torch.equal(ours.params.scale, ref.params.scale)
+    if not symmetric:
+        assert torch.equal(ours.params.zero, ref.params.zero)
