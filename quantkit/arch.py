@@ -50,6 +50,7 @@ class Architecture:
     norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     block_prefix: str = "model.layers.{index}."
     blocks_module: str = "model.layers"
+    rotary_module: str = "model.rotary_emb"
     # Linears that read the same input, in execution order (sequential methods quantize group by group).
     linear_groups: tuple[tuple[str, ...], ...] = (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from quantkit import __version__
 from quantkit.calibrate import LinearStats, collect_statistics
@@ -29,6 +28,7 @@ from quantkit.methods import METHODS, Method, RoundToNearest
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, check_grid_fits, quantized_tensor_names
 from quantkit.sequential import SequentialResult, quantize_sequential
+from quantkit.streaming import BlockStreamer, streamed_logits
 from quantkit.targets import ExportContext, Target, parse_target
 
 REJECTED_DIR = "rejected"
@@ -111,13 +111,11 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 
 def _reference_logprobs(source: ModelSource, samples: TokenSamples, log: _Log, progress: bool):
-    log(f"reference: {source.arch.hf_class} in transformers (fp32) on {samples.n_tokens} tokens")
-    model = source.hf_model(torch.float32, progress)
+    log(f"reference: {source.arch.hf_class} in transformers (fp32, block by block) on {samples.n_tokens} tokens")
     acc = MetricAccumulator()
-    with torch.no_grad():
-        for i, row in enumerate(tqdm(samples.ids, desc="reference", unit="seq", disable=not progress, leave=False)):
-            acc.add(i, row, model(input_ids=row[None]).logits[0], keep=True)
-    del model
+    for i, (row, logits) in enumerate(zip(samples.ids, streamed_logits(BlockStreamer(source), samples.ids, progress),
+                                          strict=True)):
+        acc.add(i, row, logits, keep=True)
     return acc.logprobs, acc.result()
 
 
@@ -158,9 +156,10 @@ class WeightQuantizer:
         if grid not in self._by_grid:
             self.log(f"{self.method.name} on {grid.name}: layer by layer over {self.calib.n_tokens} tokens "
                      f"({self.device.type})")
-            model = self.source.hf_model(torch.float32, self.progress).to(self.device)
-            result = quantize_sequential(model, self.source.arch, self.calib.ids.to(self.device), self.block_names,
-                                         grid, self.method.quantize_block, self.progress, label=self.method.name)
+            streamer = BlockStreamer(self.source, self.device)  # one block in memory at a time
+            result = quantize_sequential(streamer.model, self.source.arch, self.calib.ids.to(self.device),
+                                         self.block_names, grid, self.method.quantize_block, self.progress,
+                                         label=self.method.name, streamer=streamer)
             result.quantized = {n: qw.to("cpu") for n, qw in result.quantized.items()}
             result.replaced = {n: t.to("cpu") for n, t in result.replaced.items()}
             self._by_grid[grid] = result

@@ -125,18 +125,21 @@ BlockFn = Callable[[BlockJob], SequentialResult]
 @torch.no_grad()
 def quantize_sequential(model: nn.Module, arch: Architecture, calib_ids: torch.Tensor, names: Iterable[str],
                         grid: Grid, quantize_block: BlockFn, progress: bool = False,
-                        label: str = "quantize") -> SequentialResult:
+                        label: str = "quantize", streamer=None) -> SequentialResult:
     """Quantize the block linears listed in ``names`` on ``grid``; ``model`` is modified in place.
 
     ``quantize_block`` gets each block with the inputs it receives from the already-quantized blocks
     before it, must leave the block holding its dequantized weights, and returns block-relative names.
+    With a ``streamer`` (quantkit.streaming.BlockStreamer) each block is read from the checkpoint just
+    before its turn and dropped after it, so one block is in memory at a time.
     """
     wanted = set(names)
     blocks = model.get_submodule(arch.blocks_module)
     inputs = capture_block_inputs(model, blocks[0], calib_ids)
     result = SequentialResult()
-    for index, block in enumerate(tqdm(blocks, desc=f"{label} {grid.name}", unit="block", disable=not progress,
-                                       leave=False)):
+    for index in tqdm(range(len(blocks)), desc=f"{label} {grid.name}", unit="block", disable=not progress,
+                      leave=False):
+        block = streamer.load_block(index) if streamer else blocks[index]
         prefix = arch.block(index)
         members = [n for n in arch.linears if f"{prefix}{n}.weight" in wanted]
         job = BlockJob(block, prefix, arch, members, inputs, grid)
@@ -145,4 +148,6 @@ def quantize_sequential(model: nn.Module, arch: Architecture, calib_ids: torch.T
         result.replaced.update({f"{prefix}{n}": t for n, t in block_result.replaced.items()})
         outputs = job.run()
         inputs = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, inputs, strict=True)]
+        if streamer:
+            streamer.release_block(index)
     return result

@@ -36,3 +36,32 @@ def test_statistics_see_quantized_predecessors(tiny_models):
     assert not torch.allclose(replay[later].gram, unquantized[later].gram, rtol=1e-3)
     first = "model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(replay[first].gram, unquantized[first].gram)  # nothing precedes block 0
+
+
+def test_streamed_model_matches_the_whole_model(tiny_models):
+    """One block in memory at a time gives the same logits and the same GPTQ result as the whole model."""
+    from quantkit.methods import GPTQ
+    from quantkit.streaming import BlockStreamer, streamed_logits
+
+    ids = torch.randint(1, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
+    for name, path in tiny_models.items():
+        src = ModelSource(path)
+        with torch.no_grad():
+            whole = src.hf_model()(input_ids=ids).logits
+        streamer = BlockStreamer(src)
+        assert streamer.blocks[0].self_attn.q_proj.weight.is_meta  # nothing of a block is loaded up front
+        for row, logits in zip(whole, streamed_logits(streamer, ids), strict=True):
+            torch.testing.assert_close(logits, row, msg=name)
+        assert all(p.is_meta for p in streamer.blocks.parameters())  # every block released again
+
+    src = ModelSource(tiny_models["llama"])
+    names = src.arch.linear_weights(0) + src.arch.linear_weights(1)
+    grid = IntGrid(bits=4, group_size=32)
+    samples = make_samples(src.tokenizer(), "builtin", "calib", 2, 16)
+    whole = quantize_sequential(src.hf_model(), src.arch, samples.ids, names, grid, GPTQ().quantize_block)
+    streamer = BlockStreamer(src)
+    streamed = quantize_sequential(streamer.model, src.arch, samples.ids, names, grid, GPTQ().quantize_block,
+                                   streamer=streamer)
+    for n in names:
+        assert torch.equal(whole.quantized[n].codes, streamed.quantized[n].codes), n
+    assert all(p.is_meta for p in streamer.blocks.parameters())
