@@ -78,7 +78,9 @@ def load_quantized_model(folder: str | Path, dtype: torch.dtype = torch.float32,
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tensors = load_file(folder / "model.safetensors")
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
     modules = dict(model.named_modules())
     plain = {}
     for name in sorted({n.rsplit(".", 1)[0] for n in tensors if n.endswith(".qweight")}):

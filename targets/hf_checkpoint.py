@@ -23,6 +23,7 @@ from quantkit.recipe import Recipe
 from quantkit.targets.base import ExportContext, Target
 
 WEIGHTS = "model.safetensors"
+MAX_SHARD_BYTES = 4 * 2**30  # shard size the HF ecosystem commonly uses
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                 "generation_config.json", "chat_template.jinja")
 
@@ -37,6 +38,44 @@ def unsigned_codes_and_zeros(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.T
     return qw.codes, qw.params.zero[..., 0].to(torch.int32)
 
 
+class ShardWriter:
+    """Writes tensors into ``model.safetensors``, or into numbered shards plus
+    ``model.safetensors.index.json`` once they exceed ``max_shard_bytes``; holds one shard in memory."""
+
+    def __init__(self, path: Path, max_shard_bytes: int):
+        self.path, self.max_shard_bytes = path, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+
+    def _flush(self) -> None:
+        save_file(self.pending, self.path / f".shard-{len(self.shards)}.safetensors", metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if not self.shards:
+            save_file(self.pending, self.path / WEIGHTS, metadata={"format": "pt"})
+            return
+        if self.pending:
+            self._flush()
+        total = len(self.shards)
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            (self.path / f".shard-{i}.safetensors").rename(self.path / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {}, "weight_map": weight_map}
+        (self.path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 def write_quantized_checkpoint(ctx: ExportContext, path: Path, grid: IntGrid,
                                pack: Callable[[QuantizedWeight], dict[str, torch.Tensor]],
                                quantization_config: dict) -> None:
@@ -45,15 +84,16 @@ def write_quantized_checkpoint(ctx: ExportContext, path: Path, grid: IntGrid,
     source = ctx.source
     quantized = set(ctx.quantized_names)
     path.mkdir()
-    tensors: dict[str, torch.Tensor] = {}
+    writer = ShardWriter(path, MAX_SHARD_BYTES)
     for name in tqdm(sorted(source.tensors), desc=f"write {path.name}", unit="tensor", disable=not ctx.progress,
                      leave=False):
         if name in quantized:
             prefix = name.removesuffix(".weight")
-            tensors.update({f"{prefix}.{key}": value for key, value in pack(ctx.quantize(name, grid)).items()})
+            for key, value in pack(ctx.quantize(name, grid)).items():
+                writer.add(f"{prefix}.{key}", value)
         else:
-            tensors[name] = ctx.load(name, grid).to(torch.float16)
-    save_file(tensors, path / WEIGHTS, metadata={"format": "pt"})
+            writer.add(name, ctx.load(name, grid).to(torch.float16))
+    writer.close()
     config = dict(source.config)
     config.pop("torch_dtype", None)
     config["dtype"] = "float16"

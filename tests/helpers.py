@@ -12,7 +12,9 @@ from quantkit.packing import awq_dequantize, gptq_dequantize
 def decoded_reference(folder, kind: str):
     """The source model in fp32 carrying the folder's tensors, quantized ones decoded by quantkit.packing."""
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
-    stored = load_file(folder / "model.safetensors")
+    stored = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        stored.update(load_file(file))
     model = ModelSource().hf_model()
     state = model.state_dict()
     with torch.no_grad():

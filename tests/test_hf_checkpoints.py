@@ -59,3 +59,23 @@ def test_json_stdout_stays_clean_with_the_hf_backend(tmp_path, capsys):
                  "--seq-len", "64", "--json", "--quiet"])
     manifest = json.loads(capsys.readouterr().out)  # gptqmodel's banners must not reach stdout
     assert code == 0 and manifest["artifacts"][0]["target"] == "hf-awq"
+
+
+def test_sharded_checkpoint_loads(tmp_path, monkeypatch):
+    import json
+
+    from quantkit.kernels.quant_linear import load_quantized_model
+    from quantkit.targets import hf_checkpoint
+
+    monkeypatch.setattr(hf_checkpoint, "MAX_SHARD_BYTES", 2**20)  # 1 MiB shards: the 5.9 MiB model splits
+    result = quantkit.ship(targets=["hf-gptq"], out=tmp_path / "o", eval_samples=2, seq_len=128)
+    folder = result.out_dir / result.artifacts[0].path
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert result.ok  # scored from transformers + gptqmodel, which read the index
+    ids = torch.randint(1, 4096, (1, 32), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized_model(folder)(input_ids=ids).logits,
+                                   decoded_reference(folder, "hf-gptq")(input_ids=ids).logits)
