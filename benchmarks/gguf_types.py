@@ -23,7 +23,7 @@ import llama_cpp
 import quantkit
 from quantkit.grids import GGUF_GRIDS
 
-TYPES = ["F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -61,8 +61,8 @@ def main() -> None:
                       progress=True, verbose=True)
         rtn_out, gptq_out = Path(tmp) / "rtn", Path(tmp) / "gptq"
         result = quantkit.ship(targets=[f"gguf:{t}" for t in TYPES], out=rtn_out, method="rtn", **common)
-        gptq = quantkit.ship(targets=[f"gguf:{t}" for t in TYPES if t in GGUF_GRIDS], out=gptq_out,
-                             method="gptq", **common)
+        gptq = quantkit.ship(targets=[f"gguf:{t}" for t in TYPES if t in GGUF_GRIDS and GGUF_GRIDS[t].column_encodable],
+                             out=gptq_out, method="gptq", **common)
         wall = time.time() - started
         for method, run, out in (("rtn", result, rtn_out), ("gptq", gptq, gptq_out)):
             for art in run.artifacts:

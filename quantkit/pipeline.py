@@ -215,8 +215,13 @@ def ship(
     quantized = quantized_tensor_names(source, recipe)
     check_grid_fits(source, quantized, recipe.int_grid(), f"--group-size {recipe.group_size}")
     ctx = ExportContext(source, recipe, quantized, quantize=lambda n, g: None, progress=progress)
+    method = METHODS[recipe.method]
     for target in parsed:
         target.validate(ctx)
+        grid = target.grid(recipe)
+        reason = grid and method.from_recipe(recipe).unsupported(grid)
+        if reason:
+            raise QuantkitError(f"--method {recipe.method} with {target.name}: {reason}; use --method rtn or awq")
     out = Path(out)
     tmp = _prepare_output(out, [t.filename() for t in parsed], overwrite)
     try:

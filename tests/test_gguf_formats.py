@@ -17,7 +17,7 @@ TYPES = sorted(GGUF_GRIDS)
 
 def _weights(seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(16, 256, generator=g) * 0.05
+    w = torch.randn(16, 512, generator=g) * 0.05
     w[0, :32] = 0.0  # an all-zero block (scale 0)
     w[1, :32] = 0.25  # a constant block
     w[2, 5] = -0.9  # a block whose largest magnitude is negative
@@ -29,12 +29,12 @@ def test_bytes_decode_in_gguf_to_our_values(name):
     grid = GGUF_GRIDS[name]
     qw = RoundToNearest().quantize_weight(_weights(1), grid)
     raw = grid.to_bytes(qw)
-    assert raw.shape == (16, 256 // 32 * grid.block_bytes)
+    assert raw.shape == (16, 512 // grid.group_size * grid.block_bytes)
     theirs = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name])
     np.testing.assert_array_equal(theirs, qw.dequantize().numpy())
 
 
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", [t for t in TYPES if not t.endswith("_K")])  # gguf-py cannot quantize k-quants
 def test_bytes_equal_gguf_reference_quantizer(name):
     """gguf-py's numpy port of ggml's reference quantizer produces the same bytes."""
     w = _weights(2)
@@ -57,4 +57,4 @@ def test_q4_0_block_by_hand():
 
 def test_bits_per_weight():
     assert {n: g.bits_per_weight() for n, g in GGUF_GRIDS.items()} == {
-        "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0}
+        "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q6_K": 6.5625}

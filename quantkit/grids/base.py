@@ -30,10 +30,13 @@ class QuantParams:
     zero: torch.Tensor | None = None
     minimum: torch.Tensor | None = None
     inv_scale: torch.Tensor | None = None
+    # Grid-specific tensors shaped (rows, groups, ...) that a format stores (k-quants' super-block
+    # scales and integer sub-block scales); carried along by ``map`` so row permutations keep them.
+    aux: tuple[torch.Tensor, ...] = ()
 
     def map(self, fn) -> QuantParams:
         fields = (self.scale, self.zero, self.minimum, self.inv_scale)
-        return QuantParams(*(None if t is None else fn(t) for t in fields))
+        return QuantParams(*(None if t is None else fn(t) for t in fields), aux=tuple(fn(t) for t in self.aux))
 
 
 class Grid(ABC):
@@ -44,6 +47,9 @@ class Grid(ABC):
     group_size: int
     # Formats whose blocks are consecutive weights (GGUF) cannot store act-order's column groups.
     contiguous_groups_only: bool = False
+    # Whether one column can be rounded on a group's fitted parameters alone (GPTQ needs that);
+    # k-quants decide codes and two levels of scales for a whole super-block at once.
+    column_encodable: bool = True
 
     @abstractmethod
     def fit(self, w: torch.Tensor) -> QuantParams:

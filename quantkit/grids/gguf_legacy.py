@@ -50,7 +50,7 @@ class GGUFBlockGrid(Grid):
     contiguous_groups_only: bool = True
 
     def bits_per_weight(self) -> float:
-        return self.block_bytes * 8 / BLOCK
+        return self.block_bytes * 8 / self.group_size
 
     def check_shape(self, name: str, shape: tuple[int, ...]) -> str | None:
         if len(shape) != 2:

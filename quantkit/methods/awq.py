@@ -188,12 +188,13 @@ class AWQ(Method):
             _fold(job, fold.producer, consumers, s)
             if fold.producer not in job.members:  # a norm: its rescaled weight goes into the artifact
                 result.replaced[f"{fold.producer}.weight"] = job.block.get_submodule(fold.producer).weight.clone()
-        inputs = _capture_inputs(job) if self.config.clip and job.grid.group_size != PER_TENSOR else {}
+        clip_grid = self.config.clip and job.grid.group_size != PER_TENSOR and job.grid.column_encodable
+        inputs = _capture_inputs(job) if clip_grid else {}
         for name in job.members:
             module = job.block.get_submodule(name)
             weight = module.weight.detach().float()
             clip = self.config.clip and (self.config.clip_qk or not name.endswith(("q_proj", "k_proj")))
-            if clip and job.grid.group_size != PER_TENSOR:
+            if clip and job.grid.group_size != PER_TENSOR and job.grid.column_encodable:
                 params = clipped_params(weight, inputs[name], job.grid, self.config)
                 groups = grouped(weight, job.grid)
                 codes = job.grid.encode(groups, params).reshape(weight.shape)

@@ -22,6 +22,10 @@ class Method(ABC):
     def from_recipe(cls, recipe) -> Method:
         return cls()
 
+    def unsupported(self, grid: Grid) -> str | None:
+        """Why this method cannot quantize on ``grid``, or None."""
+        return None
+
     def quantize_block(self, job):
         """Quantize one block (sequential methods). Default: linear by linear, in execution order."""
         from quantkit.sequential import SequentialResult, quantize_linear_by_linear

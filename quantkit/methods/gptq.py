@@ -153,7 +153,15 @@ class GPTQ(Method):
         return cls(GPTQConfig(damp_percent=recipe.damp_percent, act_order=recipe.act_order,
                               static_groups=recipe.static_groups))
 
+    def unsupported(self, grid: Grid) -> str | None:
+        if not grid.column_encodable:
+            return f"GPTQ rounds one column at a time, which {grid.name}'s super-block scales do not allow yet"
+        return None
+
     def quantize_weight(self, weight: torch.Tensor, grid: Grid, stats: object | None = None) -> QuantizedWeight:
+        reason = self.unsupported(grid)
+        if reason:
+            raise QuantkitError(reason)
         if not isinstance(stats, LinearStats):
             raise QuantkitError("GPTQ needs calibration statistics for every quantized linear")
         reason = grid.check_shape("weight", tuple(weight.shape))
