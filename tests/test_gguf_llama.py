@@ -17,7 +17,8 @@ from quantkit.targets import ExportContext, parse_target
 
 LLAMA_FTYPES = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
                 "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
-                "Q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1", "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+                "Q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1", "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+                "Q5_K": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 
 def export(model_dir, gguf_type: str, path: Path, **recipe) -> Path:
@@ -140,7 +141,8 @@ def test_unknown_pre_tokenizer_is_refused(tiny_llama, tmp_path):
     assert not (tmp_path / "m.gguf").exists()
 
 
-@pytest.mark.parametrize("gguf_type", ["F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q4_1", "Q4_0"])
+@pytest.mark.parametrize("gguf_type", ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1",
+                                       "Q4_0"])
 def test_every_type_loads_and_tracks_f32_in_llama_cpp(default_f32, tmp_path, gguf_type):
     path = export(None, gguf_type, tmp_path / f"{gguf_type}.gguf")
     ids = torch.randint(1, 4096, (1, 128), generator=torch.Generator().manual_seed(2))

@@ -22,6 +22,12 @@ SUPER_BLOCK = 256
 GROUP_MAX_EPS = 1e-15
 
 
+def rdiv(numerator: float, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator`` as one IEEE fp32 division (torch computes ``scalar / tensor`` as
+    ``reciprocal * scalar``, which rounds twice and breaks bit-exactness with ggml)."""
+    return torch.full_like(denominator, numerator) / denominator
+
+
 def nearest_int(x: torch.Tensor) -> torch.Tensor:
     """ggml's nearest_int: round half to even in fp32 (valid for |x| < 2^22)."""
     return torch.round(x)
@@ -47,11 +53,11 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
             suml2 = suml2 + weight * li * li
         return levels, sumlx, suml2
 
-    levels, sumlx, suml2 = trial(-nmax / safe_max)
+    levels, sumlx, suml2 = trial(rdiv(-nmax, safe_max))
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1.0), 0.0)
     best = scale * sumlx
     for step in [s for s in range(-9, 10) if s != 0]:
-        cand, sumlx, suml2 = trial(-(nmax + np.float32(0.1) * step) / safe_max)
+        cand, sumlx, suml2 = trial(rdiv(-(nmax + np.float32(0.1) * step), safe_max))
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         levels = torch.where(better[..., None], cand, levels)
         scale = torch.where(better, sumlx / torch.where(suml2 > 0, suml2, 1.0), scale)
@@ -83,8 +89,8 @@ class Q6_K(GGUFBlockGrid):
         max_abs = sub_scales.abs().amax(-1)
         max_scale = torch.gather(sub_scales, -1, sub_scales.abs().argmax(-1, keepdim=True))[..., 0]
         empty = max_abs < GROUP_MAX_EPS
-        iscale = -128.0 / torch.where(empty, torch.ones_like(max_scale), max_scale)
-        d = torch.where(empty, 0.0, _fp16_round(1.0 / iscale))
+        iscale = rdiv(-128.0, torch.where(empty, torch.ones_like(max_scale), max_scale))
+        d = torch.where(empty, 0.0, _fp16_round(rdiv(1.0, iscale)))
         sc = torch.where(empty[..., None], 0.0, nearest_int(iscale[..., None] * sub_scales).clamp(max=127))
         effective = d[..., None] * sc  # fp32 product of the stored fp16 d and int8 scale, as ggml
         requant = nearest_int(sub / torch.where(effective == 0, 1.0, effective)[..., None]).clamp(-32, 31) + 32
@@ -110,3 +116,165 @@ class Q6_K(GGUFBlockGrid):
         parts = [ql.reshape(rows, blocks, 128).astype(np.uint8), qh.reshape(rows, blocks, 64).astype(np.uint8),
                  sc.numpy().astype(np.int8).view(np.uint8), d.numpy().astype("<f2").view(np.uint8)]
         return np.concatenate([p.reshape(rows, blocks, -1) for p in parts], axis=-1).reshape(rows, -1)
+
+
+def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+                     nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's asymmetric (scale, min) search, vectorized over leading dims of x (..., n).
+
+    Returns (scale, the_min, L in [0, nmax]) with x ~ scale * L - the_min.
+    """
+    n = x.shape[-1]
+    sum_w, sum_x = weights[..., 0], weights[..., 0] * x[..., 0]
+    for i in range(1, n):
+        sum_w = sum_w + weights[..., i]
+        sum_x = sum_x + weights[..., i] * x[..., i]
+    lo = x.amin(-1).clamp(max=0)
+    hi = x.amax(-1)
+    flat = hi == lo
+
+    def levels_for(iscale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+        return nearest_int(iscale[..., None] * (x - minimum[..., None])).clamp(0, nmax)
+
+    def span(minimum: torch.Tensor) -> torch.Tensor:
+        # ggml keeps searching from the best (scale, min) so far: later steps use the updated min
+        return torch.where(flat, torch.ones_like(hi), hi - minimum)
+
+    def weighted_error(scale, minimum, levels) -> torch.Tensor:
+        err = torch.zeros_like(sum_w)
+        for i in range(n):
+            diff = scale * levels[..., i] + minimum - x[..., i]
+            err = err + weights[..., i] * (diff * diff)
+        return err
+
+    minimum = lo
+    iscale = rdiv(nmax, span(minimum))
+    scale = rdiv(1.0, iscale)
+    levels = levels_for(iscale, minimum)
+    best_error = weighted_error(scale, minimum, levels)
+    for step in range(nstep + 1):
+        cand = levels_for(rdiv(np.float32(rmin) + np.float32(rdelta) * step + nmax, span(minimum)), minimum)
+        sum_l = torch.zeros_like(sum_w)
+        sum_l2 = torch.zeros_like(sum_w)
+        sum_xl = torch.zeros_like(sum_w)
+        for i in range(n):
+            w, li = weights[..., i], cand[..., i]
+            sum_l = sum_l + w * li
+            sum_l2 = sum_l2 + w * li * li
+            sum_xl = sum_xl + w * li * x[..., i]
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        safe_det = torch.where(ok, det, 1.0)
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
+        positive = this_min > 0
+        this_scale = torch.where(positive, sum_xl / torch.where(sum_l2 > 0, sum_l2, 1.0), this_scale)
+        this_min = torch.where(positive, 0.0, this_min)
+        better = ok & (weighted_error(this_scale, this_min, cand) < best_error)
+        levels = torch.where(better[..., None], cand, levels)
+        best_error = torch.where(better, weighted_error(this_scale, this_min, cand), best_error)
+        scale = torch.where(better, this_scale, scale)
+        minimum = torch.where(better, this_min, minimum)
+    levels = torch.where(flat[..., None], torch.zeros_like(levels), levels)
+    scale = torch.where(flat, 0.0, scale)
+    return scale, -minimum, levels
+
+
+def _pack_scales_mins(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and mins (..., 8) into ggml's 12-byte layout."""
+    out = np.zeros((*ls.shape[:-1], 12), dtype=np.uint8)
+    out[..., 0:4] = ls[..., 0:4] | ((ls[..., 4:8] >> 4) << 6)
+    out[..., 4:8] = lm[..., 0:4] | ((lm[..., 4:8] >> 4) << 6)
+    out[..., 8:12] = (ls[..., 4:8] & 0xF) | ((lm[..., 4:8] & 0xF) << 4)
+    return out
+
+
+@dataclass(frozen=True)
+class _Q45K(GGUFBlockGrid):
+    """Q4_K / Q5_K: eight 32-weight sub-blocks, 6-bit scales and mins under fp16 d and dmin."""
+
+    group_size: int = SUPER_BLOCK
+    column_encodable: bool = False
+    search: tuple[float, float, int] = (-1.0, 0.1, 20)  # rmin, rdelta, nstep of ggml's search
+
+    check_shape = Q6_K.check_shape
+
+    def fit(self, w: torch.Tensor) -> QuantParams:
+        nmax = 2**self.bits - 1
+        sub = w.float().reshape(*w.shape[:-1], 8, 32)
+        sum_x2 = torch.zeros(sub.shape[:-1])
+        for i in range(32):
+            sum_x2 = sum_x2 + sub[..., i] * sub[..., i]
+        # sqrt in fp64 then rounded: exactly sqrtf's result (torch's fp32 sqrt kernel can be off by an ulp)
+        weights = torch.sqrt(sum_x2.double() / 32).float()[..., None] + sub.abs()
+        scales, mins, levels = make_qkx2_quants(sub, weights, nmax, *self.search)
+        max_scale = scales.amax(-1).clamp(min=0)
+        max_min = mins.amax(-1).clamp(min=0)
+        inv_scale = torch.where(max_scale > 0, rdiv(63.0, torch.where(max_scale > 0, max_scale, 1.0)), 0.0)
+        inv_min = torch.where(max_min > 0, rdiv(63.0, torch.where(max_min > 0, max_min, 1.0)), 0.0)
+        ls = nearest_int(inv_scale[..., None] * scales).clamp(0, 63)
+        lm = nearest_int(inv_min[..., None] * mins).clamp(0, 63)
+        d = _fp16_round(max_scale / 63.0)
+        dmin = _fp16_round(max_min / 63.0)
+        eff_scale = d[..., None] * ls
+        eff_min = dmin[..., None] * lm
+        requant = nearest_int((sub + eff_min[..., None]) / torch.where(eff_scale == 0, 1.0, eff_scale)[..., None])
+        codes = torch.where((eff_scale != 0)[..., None], requant.clamp(0, nmax), levels)
+        return QuantParams(scale=eff_scale, minimum=-eff_min,
+                           aux=(d[..., None], dmin[..., None], ls, lm, codes.reshape(*w.shape[:-1], SUPER_BLOCK)))
+
+    def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        return params.aux[4].to(torch.int32)
+
+    def decode(self, codes: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        sub = codes.float().reshape(*codes.shape[:-1], 8, 32)
+        return (sub * params.scale[..., None] + params.minimum[..., None]).reshape(codes.shape)
+
+    def _header(self, qw: QuantizedWeight) -> list[np.ndarray]:
+        d, dmin, ls, lm = qw.params.aux[:4]
+        scales = _pack_scales_mins(ls.numpy().astype(np.uint8), lm.numpy().astype(np.uint8))
+        return [d.numpy().astype("<f2").view(np.uint8), dmin.numpy().astype("<f2").view(np.uint8), scales]
+
+    @staticmethod
+    def _assemble(parts: list[np.ndarray], rows: int, blocks: int) -> np.ndarray:
+        return np.concatenate([p.reshape(rows, blocks, -1) for p in parts], axis=-1).reshape(rows, -1)
+
+
+@dataclass(frozen=True)
+class Q4_K(_Q45K):
+    """Q4_K block (144 bytes): d f16, dmin f16, scales[12], qs[128] (low nibble: weight l of a 64-chunk,
+    high nibble: weight l + 32)."""
+
+    name: str = "Q4_K"
+    bits: int = 4
+    block_bytes: int = 144
+    search: tuple[float, float, int] = (-1.0, 0.1, 20)
+
+    def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
+        codes = qw.grouped_codes().numpy().astype(np.uint8)
+        rows, blocks = codes.shape[:2]
+        q = codes.reshape(rows, blocks, 4, 2, 32)
+        qs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(rows, blocks, 128)
+        return self._assemble([*self._header(qw), qs], rows, blocks)
+
+
+@dataclass(frozen=True)
+class Q5_K(_Q45K):
+    """Q5_K block (176 bytes): d, dmin, scales[12], qh[32] (bit 2c / 2c+1 of byte l: high bit of weight
+    l / l + 32 of 64-chunk c), qs[128] as Q4_K."""
+
+    name: str = "Q5_K"
+    bits: int = 5
+    block_bytes: int = 176
+    search: tuple[float, float, int] = (-0.5, 0.1, 15)
+
+    def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
+        codes = qw.grouped_codes().numpy().astype(np.uint8)
+        rows, blocks = codes.shape[:2]
+        q = codes.reshape(rows, blocks, 4, 2, 32)
+        low = q & 0xF
+        qs = (low[:, :, :, 0] | (low[:, :, :, 1] << 4)).reshape(rows, blocks, 128)
+        high = (q >> 4) & 1  # (rows, blocks, chunk, half, 32)
+        shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)  # bit 2c + half
+        qh = np.bitwise_or.reduce(high << shifts[None, None, :, :, None], axis=(2, 3)).astype(np.uint8)
+        return self._assemble([*self._header(qw), qh, qs], rows, blocks)
