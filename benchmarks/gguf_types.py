@@ -23,13 +23,14 @@ import llama_cpp
 import quantkit
 from quantkit.grids import GGUF_GRIDS
 
-TYPES = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0"]
+LLAMA_FTYPE = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # llama.cpp names pure k-quant files by their _M mix
 RESULTS = Path(__file__).parent / "results"
 
 
 def llama_cpp_reference(f32: Path, dst: Path, gguf_type: str) -> tuple[Path, float]:
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{LLAMA_FTYPE.get(gguf_type, gguf_type)}")
     params.pure = True
     start = time.time()
     if llama_cpp.llama_model_quantize(str(f32).encode(), str(dst).encode(), params) != 0:

@@ -16,7 +16,9 @@ from quantkit.errors import QuantkitError
 
 SHIP_EPILOG = """\
 targets:
-  gguf:TYPE   llama.cpp GGUF file; TYPE one of F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0.
+  gguf:TYPE   llama.cpp GGUF file; TYPE one of F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K,
+              Q4_1, Q4_0 (every quantized tensor of that type), or a llama.cpp mix: Q4_K_S, Q4_K_M, Q5_K_S,
+              Q5_K_M (types per tensor as llama.cpp chooses them, embeddings and output included).
               Checked by loading it in llama.cpp (llama-cpp-python) and scoring its logits.
               GGUF block types fix their own grid (32-weight blocks).
   hf-gptq     Hugging Face GPTQ v1 checkpoint folder (2/4/8 bit) on the --bits/--group-size/--scheme grid.
@@ -127,6 +129,7 @@ def format_table(result) -> str:
                      _fmt(m["ppl_increase_pct"], "+.2f"), _fmt(m["kld"], ".5f"), _fmt(m["top1"], ".4f"), verdict))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)) + "  " + r[-1] for r in rows]
+    lines += [f"note: {a.path}: {note}" for a in result.artifacts for note in a.notes]
     return "\n".join(lines)
 
 

@@ -49,6 +49,7 @@ class ArtifactResult:
     failures: list[str]
     tokenizer_check: dict | None
     seconds: dict
+    notes: list[str] = field(default_factory=list)
 
     @property
     def accepted(self) -> bool:
@@ -309,6 +310,7 @@ def _ship_one(target: Target, ctx: ExportContext, tmp: Path, samples: TokenSampl
         failures=failures,
         tokenizer_check=tokenizer_check,
         seconds={"export": round(t1 - t0, 2), "verify": round(t2 - t1, 2)},
+        notes=target.notes(),
     )
 
 

@@ -70,6 +70,10 @@ class Target(ABC):
     def runtime(self) -> dict:
         """Name and version of the runtime that checks this artifact."""
 
+    def notes(self) -> list[str]:
+        """Lines for the report about choices made while exporting (e.g. type fallbacks)."""
+        return []
+
     def verify_tokenizer(self, path: Path, tokenizer, texts: list[str]) -> dict | None:
         """Compare the runtime's tokenization with the Hugging Face tokenizer's, if it has one."""
         return None

@@ -23,6 +23,7 @@ from quantkit.grids import GGUF_GRIDS, GGUFBlockGrid, Grid
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, check_grid_fits
 from quantkit.targets.base import ExportContext, Target
+from quantkit.targets.gguf_mixes import MIXES, fallback_type
 from quantkit.targets.gguf_vocab import read_vocab
 
 GGMLType = gguf.GGMLQuantizationType
@@ -31,7 +32,7 @@ FLOAT_BITS = {"F32": 32.0, "F16": 16.0, "BF16": 16.0}
 # llama.cpp's general.file_type ("ftype") for files whose quantized tensors are all of one type.
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 15, "Q5_K": 17,
               "Q6_K": 18, "BF16": 32}  # pure k-quant files are labelled as their _M mix
-SUPPORTED_TYPES = tuple(FILE_TYPES)
+SUPPORTED_TYPES = tuple(FILE_TYPES) + tuple(MIXES)
 
 
 @dataclass
@@ -77,17 +78,34 @@ class GGUFTarget(Target):
         if option not in SUPPORTED_TYPES:
             raise QuantkitError(f"unknown GGUF type {option!r}; supported: {', '.join(SUPPORTED_TYPES)}")
         super().__init__(option)
+        self.mix = MIXES.get(option)
+        self.fallbacks: list[str] = []
 
     @property
     def type_name(self) -> str:
         return self.option
 
     def grid(self, recipe: Recipe) -> Grid | None:
-        return GGUF_GRIDS.get(self.type_name)
+        """The grid of the file's type (a mix's base type)."""
+        return GGUF_GRIDS.get(self.mix.base if self.mix else self.type_name)
+
+    def notes(self) -> list[str]:
+        return list(self.fallbacks)
 
     def bits_per_weight(self, recipe: Recipe) -> float:
         grid = self.grid(recipe)
         return grid.bits_per_weight() if grid else FLOAT_BITS[self.type_name]
+
+    def _mix_entry(self, hf: str, name: str, shape: tuple[int, ...], layer: int | None, n_layers: int, tied: bool,
+                   rope_heads: int | None) -> PlannedTensor:
+        chosen = self.mix.type_for(name, layer, n_layers, shape[1], tied)
+        fallback = fallback_type(chosen, shape[1])
+        if fallback:
+            self.fallbacks.append(f"{name}: rows of {shape[1]} do not fit {chosen}; written as {fallback}")
+            chosen = fallback
+        if chosen == "F16":
+            return PlannedTensor(name, hf, shape, GGMLType.F16, None, rope_heads)
+        return PlannedTensor(name, hf, shape, GGMLType[chosen], GGUF_GRIDS[chosen], rope_heads)
 
     def filename(self) -> str:
         return f"model-{self.type_name}.gguf"
@@ -107,10 +125,14 @@ class GGUFTarget(Target):
         grid = GGUF_GRIDS.get(self.type_name)
         float_type = FLOAT_TYPES.get(self.type_name, GGMLType.F16)
 
-        def entry(hf: str, name: str, rope_heads: int | None = None) -> PlannedTensor:
+        self.fallbacks = []
+
+        def entry(hf: str, name: str, rope_heads: int | None = None, layer: int | None = None) -> PlannedTensor:
             shape = source.tensors[hf].shape
             if len(shape) == 1:  # norms and biases stay F32, as llama.cpp expects
                 return PlannedTensor(name, hf, shape, GGMLType.F32, None)
+            if self.mix:  # a mix quantizes every matrix, as llama.cpp's file type does
+                return self._mix_entry(hf, name, shape, layer, source.n_layers, source.tied_embeddings, rope_heads)
             if grid is not None and hf in quantized:
                 return PlannedTensor(name, hf, shape, GGMLType[grid.name], grid, rope_heads)
             return PlannedTensor(name, hf, shape, float_type, None, rope_heads)
@@ -124,7 +146,7 @@ class GGUFTarget(Target):
                     heads = n_head
                 elif arch.rope_permute and hf_rel.endswith("k_proj"):
                     heads = n_kv
-                plan.append(entry(f"{prefix}{hf_rel}.weight", f"blk.{i}.{gguf_rel}.weight", heads))
+                plan.append(entry(f"{prefix}{hf_rel}.weight", f"blk.{i}.{gguf_rel}.weight", heads, i))
                 if hf_rel in arch.biased_linears:
                     plan.append(entry(f"{prefix}{hf_rel}.bias", f"blk.{i}.{gguf_rel}.bias", heads))
         plan.append(entry(arch.final_norm, "output_norm.weight"))
@@ -133,6 +155,9 @@ class GGUFTarget(Target):
         return plan
 
     def validate(self, ctx: ExportContext) -> None:
+        if self.mix and ctx.recipe.method != "rtn":
+            raise QuantkitError(f"gguf:{self.type_name} mixes several grids per file, which only --method rtn "
+                                "supports so far; use a single type (e.g. gguf:Q4_K) with gptq/awq")
         grid = GGUF_GRIDS.get(self.type_name)
         if grid is not None:
             check_grid_fits(ctx.source, ctx.quantized_names, grid, f"gguf:{self.type_name}")
@@ -192,7 +217,7 @@ class GGUFTarget(Target):
         w.add_rope_freq_base(_rope_theta(cfg))
         w.add_layer_norm_rms_eps(float(_hparam(cfg, "rms_norm_eps")))
         w.add_vocab_size(_hparam(cfg, "vocab_size"))
-        w.add_file_type(FILE_TYPES[self.type_name])
+        w.add_file_type(self.mix.file_type if self.mix else FILE_TYPES[self.type_name])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab = read_vocab(source.path, _tokenizer_config(source.path))
         w.add_tokenizer_model(vocab.model)

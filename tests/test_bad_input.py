@@ -141,3 +141,10 @@ def test_gptq_on_a_k_quant_grid_is_refused_up_front(capsys, out_dir):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "super-block scales" in err and "--method rtn" in err
     assert sorted(p.name for p in out_dir.iterdir()) == ["keep.txt"]
+
+
+def test_mix_with_a_calibrated_method_is_refused(capsys, out_dir):
+    code = main(["ship", "--targets", "gguf:Q4_K_M", "--method", "awq", "--out", str(out_dir), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "only --method rtn supports so far" in err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["keep.txt"]

@@ -152,3 +152,30 @@ def test_every_type_loads_and_tracks_f32_in_llama_cpp(default_f32, tmp_path, ggu
     # 16-bit files hold the bf16 weights exactly (F16: within its range); llama.cpp rounds activations
     # to 16 bits for those matmuls, so they agree almost always; 4-5 bit types agree less often.
     assert agreement > (0.98 if gguf_type in ("F16", "BF16", "Q8_0") else 0.7), agreement
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M"])
+def test_mixes_equal_llama_cpp_file_types(default_f32, tmp_path, mix):
+    """Every tensor gets the type llama.cpp's mix gives it, with identical bytes."""
+    ours = tensors(export(None, mix, tmp_path / "ours.gguf"))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
+    assert llama_cpp.llama_model_quantize(str(default_f32).encode(), str(tmp_path / "theirs.gguf").encode(),
+                                          params) == 0
+    theirs = tensors(tmp_path / "theirs.gguf")
+    assert ours.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert ours[name].tensor_type == t.tensor_type, (name, ours[name].tensor_type, t.tensor_type)
+        assert ours[name].data.tobytes() == t.data.tobytes(), name
+    assert {t.tensor_type.name for t in ours.values()} >= {mix[:4], "F32"}
+
+
+def test_mix_falls_back_for_rows_that_do_not_fit(tiny_models, tmp_path):
+    """The tiny model's 128-wide rows fit no 256 super-block: llama.cpp's fallback types, reported."""
+    from quantkit.targets.gguf import GGUFTarget
+
+    target = GGUFTarget("Q4_K_M")
+    src = ModelSource(tiny_models["llama"])
+    plan = {t.gguf_name: t.ggml_type.name for t in target.plan(src, set())}
+    assert plan["blk.0.attn_q.weight"] == "Q5_0" and plan["output.weight"] == "Q8_0"
+    assert any("blk.0.attn_q.weight: rows of 128 do not fit Q4_K; written as Q5_0" in n for n in target.notes())
