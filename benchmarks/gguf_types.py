@@ -22,8 +22,10 @@ import llama_cpp
 
 import quantkit
 from quantkit.grids import GGUF_GRIDS
+from quantkit.targets.gguf_mixes import MIXES
 
-TYPES = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0"]
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_K", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_K",
+         "Q4_1", "Q4_0"]
 LLAMA_FTYPE = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # llama.cpp names pure k-quant files by their _M mix
 RESULTS = Path(__file__).parent / "results"
 
@@ -31,7 +33,7 @@ RESULTS = Path(__file__).parent / "results"
 def llama_cpp_reference(f32: Path, dst: Path, gguf_type: str) -> tuple[Path, float]:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{LLAMA_FTYPE.get(gguf_type, gguf_type)}")
-    params.pure = True
+    params.pure = gguf_type not in MIXES  # single types: every matrix that type; mixes: llama.cpp's rules
     start = time.time()
     if llama_cpp.llama_model_quantize(str(f32).encode(), str(dst).encode(), params) != 0:
         raise RuntimeError(f"llama_model_quantize failed for {gguf_type}")
@@ -39,7 +41,7 @@ def llama_cpp_reference(f32: Path, dst: Path, gguf_type: str) -> tuple[Path, flo
 
 
 def identical_quantized_tensors(ours: Path, theirs: Path) -> tuple[int, int]:
-    """(identical, compared) over the tensors our file quantized; theirs quantized every matrix."""
+    """(identical, compared) over the tensors our file quantized."""
     a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
     b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
     compared = [n for n, t in a.items() if t.tensor_type.name in GGUF_GRIDS]
@@ -71,7 +73,7 @@ def main() -> None:
                 row = {"type": gguf_type, "method": method, "bits_per_weight": art.bits_per_weight,
                        "bytes": art.bytes, **art.metrics, "verdict": art.verdict,
                        "export_s": art.seconds["export"], "verify_s": art.seconds["verify"]}
-                if gguf_type in GGUF_GRIDS and method == "rtn":
+                if (gguf_type in GGUF_GRIDS or gguf_type in MIXES) and method == "rtn":
                     theirs, seconds = llama_cpp_reference(rtn_out / "model-F32.gguf",
                                                           Path(tmp) / f"ref-{gguf_type}.gguf", gguf_type)
                     same, compared = identical_quantized_tensors(out / art.path, theirs)
@@ -98,8 +100,9 @@ def to_markdown(p: dict) -> str:
         f"Python {p['python']}). Evaluation: {p['eval_tokens']} tokens of the built-in eval split; reference "
         f"(transformers, fp32) perplexity {p['reference']['perplexity']:.3f}. GPTQ calibrates on "
         f"{p['calib_tokens']} tokens of the calib split. Token embedding and output stay F16 in quantized files "
-        "(quantkit's default). \"Same bytes\": quantized tensors identical to llama.cpp's `llama_model_quantize` "
-        "output from our F32 file. Export time includes GPTQ's layer-by-layer pass.",
+        "(quantkit's default) except in the _S/_M mixes, which quantize every matrix as llama.cpp does. "
+        "\"Same bytes\": quantized tensors identical to llama.cpp's `llama_model_quantize` output from our F32 "
+        "file. Export time includes GPTQ's layer-by-layer pass; k-quant rounding runs in Python loops.",
         "",
         "| type | method | bits/weight | size (MiB) | ppl | Δppl % | KLD | top-1 | gate | same bytes as llama.cpp "
         "| export s |",
