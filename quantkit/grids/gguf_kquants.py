@@ -119,7 +119,7 @@ class Q6_K(GGUFBlockGrid):
 
 
 def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
-                     nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     nstep: int, use_mad: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ggml's asymmetric (scale, min) search, vectorized over leading dims of x (..., n).
 
     Returns (scale, the_min, L in [0, nmax]) with x ~ scale * L - the_min.
@@ -144,7 +144,7 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
         err = torch.zeros_like(sum_w)
         for i in range(n):
             diff = scale * levels[..., i] + minimum - x[..., i]
-            err = err + weights[..., i] * (diff * diff)
+            err = err + weights[..., i] * (diff.abs() if use_mad else diff * diff)
         return err
 
     minimum = lo
@@ -278,3 +278,57 @@ class Q5_K(_Q45K):
         shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)  # bit 2c + half
         qh = np.bitwise_or.reduce(high << shifts[None, None, :, :, None], axis=(2, 3)).astype(np.uint8)
         return self._assemble([*self._header(qw), qh, qs], rows, blocks)
+
+
+@dataclass(frozen=True)
+class Q2_K(GGUFBlockGrid):
+    """Q2_K block (84 bytes): scales[16] (low nibble scale, high nibble min), qs[64] (four 2-bit codes
+    per byte: weights l, l+32, l+64, l+96 of a 128-chunk), d f16, dmin f16."""
+
+    name: str = "Q2_K"
+    bits: int = 2
+    group_size: int = SUPER_BLOCK
+    block_bytes: int = 84
+    column_encodable: bool = False
+
+    check_shape = Q6_K.check_shape
+
+    def fit(self, w: torch.Tensor) -> QuantParams:
+        sub = w.float().reshape(*w.shape[:-1], 16, 16)
+        scales, mins, levels = make_qkx2_quants(sub, sub.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+        max_scale = scales.amax(-1).clamp(min=0)
+        max_min = mins.amax(-1).clamp(min=0)
+        # 4-bit sub-block scales and mins; ggml does not clamp them (they cannot exceed 15)
+        inv_scale = rdiv(15.0, _nonzero(max_scale))[..., None]
+        ls = torch.where(max_scale[..., None] > 0, nearest_int(inv_scale * scales), 0.0)
+        lm = torch.where(max_min[..., None] > 0, nearest_int(rdiv(15.0, _nonzero(max_min))[..., None] * mins), 0.0)
+        d = torch.where(max_scale > 0, _fp16_round(max_scale / 15.0), 0.0)
+        dmin = torch.where(max_min > 0, _fp16_round(max_min / 15.0), 0.0)
+        eff_scale = d[..., None] * ls
+        eff_min = dmin[..., None] * lm
+        requant = nearest_int((sub + eff_min[..., None]) / torch.where(eff_scale == 0, 1.0, eff_scale)[..., None])
+        codes = torch.where((eff_scale != 0)[..., None], requant.clamp(0, 3), levels)
+        return QuantParams(scale=eff_scale, minimum=-eff_min,
+                           aux=(d[..., None], dmin[..., None], ls, lm, codes.reshape(*w.shape[:-1], SUPER_BLOCK)))
+
+    def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        return params.aux[4].to(torch.int32)
+
+    def decode(self, codes: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        sub = codes.float().reshape(*codes.shape[:-1], 16, 16)
+        return (sub * params.scale[..., None] + params.minimum[..., None]).reshape(codes.shape)
+
+    def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
+        codes = qw.grouped_codes().numpy().astype(np.uint8)
+        rows, blocks = codes.shape[:2]
+        q = codes.reshape(rows, blocks, 2, 4, 32)  # 128-chunks, quarters of 32
+        packed = q[:, :, :, 0] | (q[:, :, :, 1] << 2) | (q[:, :, :, 2] << 4) | (q[:, :, :, 3] << 6)
+        qs = packed.reshape(rows, blocks, 64)
+        d, dmin, ls, lm = qw.params.aux[:4]
+        scales = (ls.numpy().astype(np.uint8) | (lm.numpy().astype(np.uint8) << 4))
+        parts = [scales, qs, d.numpy().astype("<f2").view(np.uint8), dmin.numpy().astype("<f2").view(np.uint8)]
+        return np.concatenate([p.reshape(rows, blocks, -1) for p in parts], axis=-1).reshape(rows, -1)
+
+
+def _nonzero(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(t > 0, t, torch.ones_like(t))
