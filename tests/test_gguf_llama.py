@@ -18,7 +18,8 @@ from quantkit.targets import ExportContext, parse_target
 LLAMA_FTYPES = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
                 "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
                 "Q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1", "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
-                "Q5_K": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}
+                "Q5_K": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+                "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}
 
 
 def export(model_dir, gguf_type: str, path: Path, **recipe) -> Path:
