@@ -30,7 +30,7 @@ GGMLType = gguf.GGMLQuantizationType
 FLOAT_TYPES = {"F32": GGMLType.F32, "F16": GGMLType.F16, "BF16": GGMLType.BF16}
 FLOAT_BITS = {"F32": 32.0, "F16": 16.0, "BF16": 16.0}
 # llama.cpp's general.file_type ("ftype") for files whose quantized tensors are all of one type.
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12,
               "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "BF16": 32}  # pure k-quant files are labelled as their _M mix
 SUPPORTED_TYPES = tuple(FILE_TYPES) + tuple(MIXES)
 

@@ -58,4 +58,4 @@ def test_q4_0_block_by_hand():
 def test_bits_per_weight():
     assert {n: g.bits_per_weight() for n, g in GGUF_GRIDS.items()} == {
         "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0,
-        "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5, "Q2_K": 2.625}
+        "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5, "Q3_K": 3.4375, "Q2_K": 2.625}

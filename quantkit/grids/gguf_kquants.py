@@ -332,3 +332,85 @@ class Q2_K(GGUFBlockGrid):
 
 def _nonzero(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t > 0, t, torch.ones_like(t))
+
+
+def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's symmetric search with x^2 weights and coordinate refinement (do_rmse), vectorized over
+    leading dims of x (..., n). Returns (scale, L in [0, 2*nmax)); all-zero groups get L = 0."""
+    amax = x.abs().amax(-1)
+    signed_max = torch.gather(x, -1, x.abs().argmax(-1, keepdim=True))[..., 0]
+    empty = amax < GROUP_MAX_EPS
+    iscale = rdiv(-nmax, torch.where(empty, torch.ones_like(signed_max), signed_max))
+    levels = nearest_int(iscale[..., None] * x).clamp(-nmax, nmax - 1)
+    weights = x * x
+    sumlx = torch.zeros_like(amax)
+    suml2 = torch.zeros_like(amax)
+    for i in range(x.shape[-1]):
+        sumlx = sumlx + weights[..., i] * x[..., i] * levels[..., i]
+        suml2 = suml2 + weights[..., i] * levels[..., i] * levels[..., i]
+    for _ in range(5):  # a pass without changes leaves the state as it was, so all five passes are safe
+        for i in range(x.shape[-1]):
+            w, xi, li = weights[..., i], x[..., i], levels[..., i]
+            slx = sumlx - w * xi * li
+            sl2 = suml2 - w * li * li
+            new_l = nearest_int(xi * sl2 / torch.where(slx > 0, slx, 1.0)).clamp(-nmax, nmax - 1)
+            slx2 = slx + w * xi * new_l
+            sl22 = sl2 + w * new_l * new_l
+            take = (slx > 0) & (new_l != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            levels[..., i] = torch.where(take, new_l, li)
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1.0), 0.0)
+    levels = torch.where(empty[..., None], torch.zeros_like(levels), levels + nmax)
+    return torch.where(empty, 0.0, scale), levels
+
+
+@dataclass(frozen=True)
+class Q3_K(GGUFBlockGrid):
+    """Q3_K block (110 bytes): hmask[32] (bit b of byte m: high bit of weight 32b + m), qs[64] low two
+    bits as Q2_K, scales[12] (sixteen 6-bit scales: low nibbles in bytes 0-7, high pairs in 8-11), d f16."""
+
+    name: str = "Q3_K"
+    bits: int = 3
+    group_size: int = SUPER_BLOCK
+    block_bytes: int = 110
+    column_encodable: bool = False
+
+    check_shape = Q6_K.check_shape
+
+    def fit(self, w: torch.Tensor) -> QuantParams:
+        sub = w.float().reshape(*w.shape[:-1], 16, 16)
+        scales, levels = make_q3_quants(sub, 4)
+        max_scale = torch.gather(scales, -1, scales.abs().argmax(-1, keepdim=True))[..., 0]
+        has_scale = max_scale != 0
+        iscale = rdiv(-32.0, torch.where(has_scale, max_scale, torch.ones_like(max_scale)))
+        sc = torch.where(has_scale[..., None], nearest_int(iscale[..., None] * scales).clamp(-32, 31), 0.0)
+        d = torch.where(has_scale, _fp16_round(rdiv(1.0, iscale)), 0.0)
+        effective = d[..., None] * sc
+        requant = nearest_int(sub / torch.where(effective == 0, 1.0, effective)[..., None]).clamp(-4, 3) + 4
+        codes = torch.where((effective != 0)[..., None], requant, levels) - 4
+        return QuantParams(scale=effective, aux=(d[..., None], sc + 32, codes.reshape(*w.shape[:-1], SUPER_BLOCK)))
+
+    def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        return params.aux[2].to(torch.int32)
+
+    def decode(self, codes: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        sub = codes.float().reshape(*codes.shape[:-1], 16, 16)
+        return (sub * params.scale[..., None]).reshape(codes.shape)
+
+    def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
+        codes = qw.grouped_codes().numpy().astype(np.int32) + 4  # (rows, blocks, 256) in [0, 8)
+        rows, blocks = codes.shape[:2]
+        high = (codes >> 2) & 1
+        hmask = np.bitwise_or.reduce(high.reshape(rows, blocks, 8, 32) << np.arange(8)[None, None, :, None], axis=2)
+        q = (codes & 3).reshape(rows, blocks, 2, 4, 32)
+        packed = q[:, :, :, 0] | (q[:, :, :, 1] << 2) | (q[:, :, :, 2] << 4) | (q[:, :, :, 3] << 6)
+        qs = packed.reshape(rows, blocks, 64)
+        levels = qw.params.aux[1].numpy().astype(np.int32)  # (rows, blocks, 16) in [0, 64)
+        scales = np.zeros((rows, blocks, 12), dtype=np.int32)
+        scales[..., 0:8] = (levels[..., 0:8] & 0xF) | ((levels[..., 8:16] & 0xF) << 4)
+        for j in range(16):
+            scales[..., 8 + j % 4] |= (levels[..., j] >> 4) << (2 * (j // 4))
+        d = qw.params.aux[0].numpy().astype("<f2").view(np.uint8)
+        parts = [hmask.astype(np.uint8), qs.astype(np.uint8), scales.astype(np.uint8), d]
+        return np.concatenate([p.reshape(rows, blocks, -1) for p in parts], axis=-1).reshape(rows, -1)
