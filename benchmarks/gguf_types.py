@@ -25,7 +25,7 @@ from quantkit.grids import GGUF_GRIDS
 from quantkit.targets.gguf_mixes import MIXES
 
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_K", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_K",
-         "Q4_1", "Q4_0", "Q3_K", "Q2_K"]
+         "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q3_K", "Q2_K"]
 # llama.cpp names pure k-quant files by their _M mix
 LLAMA_FTYPE = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}
 RESULTS = Path(__file__).parent / "results"

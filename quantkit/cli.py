@@ -18,8 +18,8 @@ SHIP_EPILOG = """\
 targets:
   gguf:TYPE   llama.cpp GGUF file; TYPE one of F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K,
               Q4_1, Q4_0, Q3_K, Q2_K (every quantized tensor of that type), or a llama.cpp mix:
-              Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M (types per tensor as llama.cpp chooses them, embeddings and
-              output included).
+              Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M (types per tensor as llama.cpp
+              chooses them, embeddings and output included).
               Checked by loading it in llama.cpp (llama-cpp-python) and scoring its logits.
               GGUF block types fix their own grid (32-weight blocks).
   hf-gptq     Hugging Face GPTQ v1 checkpoint folder (2/4/8 bit) on the --bits/--group-size/--scheme grid.

@@ -96,9 +96,11 @@ class GGUFTarget(Target):
         grid = self.grid(recipe)
         return grid.bits_per_weight() if grid else FLOAT_BITS[self.type_name]
 
-    def _mix_entry(self, hf: str, name: str, shape: tuple[int, ...], layer: int | None, n_layers: int, tied: bool,
+    def _mix_entry(self, hf: str, name: str, shape: tuple[int, ...], layer: int | None, source: ModelSource,
                    rope_heads: int | None) -> PlannedTensor:
-        chosen = self.mix.type_for(name, layer, n_layers, shape[1], tied)
+        n_head = _hparam(source.config, "num_attention_heads")
+        gqa = n_head // (source.config.get("num_key_value_heads") or n_head)
+        chosen = self.mix.type_for(name, layer, source.n_layers, shape[1], source.tied_embeddings, gqa)
         fallback = fallback_type(chosen, shape[1])
         if fallback:
             self.fallbacks.append(f"{name}: rows of {shape[1]} do not fit {chosen}; written as {fallback}")
@@ -132,7 +134,7 @@ class GGUFTarget(Target):
             if len(shape) == 1:  # norms and biases stay F32, as llama.cpp expects
                 return PlannedTensor(name, hf, shape, GGMLType.F32, None)
             if self.mix:  # a mix quantizes every matrix, as llama.cpp's file type does
-                return self._mix_entry(hf, name, shape, layer, source.n_layers, source.tied_embeddings, rope_heads)
+                return self._mix_entry(hf, name, shape, layer, source, rope_heads)
             if grid is not None and hf in quantized:
                 return PlannedTensor(name, hf, shape, GGMLType[grid.name], grid, rope_heads)
             return PlannedTensor(name, hf, shape, float_type, None, rope_heads)

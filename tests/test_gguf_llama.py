@@ -156,7 +156,7 @@ def test_every_type_loads_and_tracks_f32_in_llama_cpp(default_f32, tmp_path, ggu
     assert agreement > floor, agreement
 
 
-@pytest.mark.parametrize("mix", ["Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M"])
+@pytest.mark.parametrize("mix", ["Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M"])
 def test_mixes_equal_llama_cpp_file_types(default_f32, tmp_path, mix):
     """Every tensor gets the type llama.cpp's mix gives it, with identical bytes."""
     ours = tensors(export(None, mix, tmp_path / "ours.gguf"))
@@ -170,6 +170,9 @@ def test_mixes_equal_llama_cpp_file_types(default_f32, tmp_path, mix):
         assert ours[name].tensor_type == t.tensor_type, (name, ours[name].tensor_type, t.tensor_type)
         assert ours[name].data.tobytes() == t.data.tobytes(), name
     assert {t.tensor_type.name for t in ours.values()} >= {mix[:4], "F32"}
+    from quantkit.targets.gguf_mixes import MIXES
+
+    assert MIXES[mix].file_type == params.ftype
 
 
 def test_mix_falls_back_for_rows_that_do_not_fit(tiny_models, tmp_path):
