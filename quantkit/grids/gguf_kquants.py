@@ -69,19 +69,30 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
 
 
 @dataclass(frozen=True)
-class Q6_K(GGUFBlockGrid):
+class _KQuant(GGUFBlockGrid):
+    """A 256-weight super-block type: ggml picks codes and two levels of scales together in ``fit``
+    (the codes ride in the last ``aux`` tensor), so ``encode`` returns them and GPTQ cannot round
+    column by column."""
+
+    group_size: int = SUPER_BLOCK
+    column_encodable: bool = False
+    sub_blocks: int = 16
+
+    def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        return params.aux[-1].to(torch.int32)
+
+    def decode(self, codes: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        out = codes.float().reshape(*codes.shape[:-1], self.sub_blocks, -1) * params.scale[..., None]
+        if params.minimum is not None:
+            out = out + params.minimum[..., None]
+        return out.reshape(codes.shape)
+
+
+@dataclass(frozen=True)
+class Q6_K(_KQuant):
     name: str = "Q6_K"
     bits: int = 6
-    group_size: int = SUPER_BLOCK
     block_bytes: int = 210
-    column_encodable: bool = False
-
-    def check_shape(self, name: str, shape: tuple[int, ...]) -> str | None:
-        if len(shape) != 2:
-            return f"{name} is not a matrix"
-        if shape[1] % SUPER_BLOCK:
-            return f"{self.name} needs rows that are a multiple of {SUPER_BLOCK}; {name} has rows of {shape[1]}"
-        return None
 
     def fit(self, w: torch.Tensor) -> QuantParams:
         sub = w.float().reshape(*w.shape[:-1], 16, 16)
@@ -97,12 +108,7 @@ class Q6_K(GGUFBlockGrid):
         codes = torch.where((effective != 0)[..., None], requant, torch.where(empty[..., None, None], 32.0, levels))
         return QuantParams(scale=effective, aux=(d[..., None], sc, codes.reshape(*w.shape[:-1], SUPER_BLOCK) - 32))
 
-    def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
-        return params.aux[2].to(torch.int32)  # ggml decides the codes together with the scales
 
-    def decode(self, codes: torch.Tensor, params: QuantParams) -> torch.Tensor:
-        sub = codes.float().reshape(*codes.shape[:-1], 16, 16)
-        return (sub * params.scale[..., None]).reshape(codes.shape)
 
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes().numpy().astype(np.int32) + 32  # (rows, blocks, 256) in [0, 64)
@@ -190,14 +196,11 @@ def _pack_scales_mins(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _Q45K(GGUFBlockGrid):
+class _Q45K(_KQuant):
     """Q4_K / Q5_K: eight 32-weight sub-blocks, 6-bit scales and mins under fp16 d and dmin."""
 
-    group_size: int = SUPER_BLOCK
-    column_encodable: bool = False
+    sub_blocks: int = 8
     search: tuple[float, float, int] = (-1.0, 0.1, 20)  # rmin, rdelta, nstep of ggml's search
-
-    check_shape = Q6_K.check_shape
 
     def fit(self, w: torch.Tensor) -> QuantParams:
         nmax = 2**self.bits - 1
@@ -223,12 +226,7 @@ class _Q45K(GGUFBlockGrid):
         return QuantParams(scale=eff_scale, minimum=-eff_min,
                            aux=(d[..., None], dmin[..., None], ls, lm, codes.reshape(*w.shape[:-1], SUPER_BLOCK)))
 
-    def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
-        return params.aux[4].to(torch.int32)
 
-    def decode(self, codes: torch.Tensor, params: QuantParams) -> torch.Tensor:
-        sub = codes.float().reshape(*codes.shape[:-1], 8, 32)
-        return (sub * params.scale[..., None] + params.minimum[..., None]).reshape(codes.shape)
 
     def _header(self, qw: QuantizedWeight) -> list[np.ndarray]:
         d, dmin, ls, lm = qw.params.aux[:4]
@@ -281,17 +279,13 @@ class Q5_K(_Q45K):
 
 
 @dataclass(frozen=True)
-class Q2_K(GGUFBlockGrid):
+class Q2_K(_KQuant):
     """Q2_K block (84 bytes): scales[16] (low nibble scale, high nibble min), qs[64] (four 2-bit codes
     per byte: weights l, l+32, l+64, l+96 of a 128-chunk), d f16, dmin f16."""
 
     name: str = "Q2_K"
     bits: int = 2
-    group_size: int = SUPER_BLOCK
     block_bytes: int = 84
-    column_encodable: bool = False
-
-    check_shape = Q6_K.check_shape
 
     def fit(self, w: torch.Tensor) -> QuantParams:
         sub = w.float().reshape(*w.shape[:-1], 16, 16)
@@ -311,12 +305,7 @@ class Q2_K(GGUFBlockGrid):
         return QuantParams(scale=eff_scale, minimum=-eff_min,
                            aux=(d[..., None], dmin[..., None], ls, lm, codes.reshape(*w.shape[:-1], SUPER_BLOCK)))
 
-    def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
-        return params.aux[4].to(torch.int32)
 
-    def decode(self, codes: torch.Tensor, params: QuantParams) -> torch.Tensor:
-        sub = codes.float().reshape(*codes.shape[:-1], 16, 16)
-        return (sub * params.scale[..., None] + params.minimum[..., None]).reshape(codes.shape)
 
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes().numpy().astype(np.uint8)
@@ -366,17 +355,13 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
 
 
 @dataclass(frozen=True)
-class Q3_K(GGUFBlockGrid):
+class Q3_K(_KQuant):
     """Q3_K block (110 bytes): hmask[32] (bit b of byte m: high bit of weight 32b + m), qs[64] low two
     bits as Q2_K, scales[12] (sixteen 6-bit scales: low nibbles in bytes 0-7, high pairs in 8-11), d f16."""
 
     name: str = "Q3_K"
     bits: int = 3
-    group_size: int = SUPER_BLOCK
     block_bytes: int = 110
-    column_encodable: bool = False
-
-    check_shape = Q6_K.check_shape
 
     def fit(self, w: torch.Tensor) -> QuantParams:
         sub = w.float().reshape(*w.shape[:-1], 16, 16)
@@ -391,12 +376,7 @@ class Q3_K(GGUFBlockGrid):
         codes = torch.where((effective != 0)[..., None], requant, levels) - 4
         return QuantParams(scale=effective, aux=(d[..., None], sc + 32, codes.reshape(*w.shape[:-1], SUPER_BLOCK)))
 
-    def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
-        return params.aux[2].to(torch.int32)
 
-    def decode(self, codes: torch.Tensor, params: QuantParams) -> torch.Tensor:
-        sub = codes.float().reshape(*codes.shape[:-1], 16, 16)
-        return (sub * params.scale[..., None]).reshape(codes.shape)
 
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes().numpy().astype(np.int32) + 4  # (rows, blocks, 256) in [0, 8)

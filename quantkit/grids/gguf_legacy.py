@@ -55,8 +55,8 @@ class GGUFBlockGrid(Grid):
     def check_shape(self, name: str, shape: tuple[int, ...]) -> str | None:
         if len(shape) != 2:
             return f"{name} is not a matrix"
-        if shape[1] % BLOCK:
-            return f"{self.name} needs rows that are a multiple of {BLOCK}; {name} has rows of {shape[1]}"
+        if shape[1] % self.group_size:
+            return f"{self.name} needs rows that are a multiple of {self.group_size}; {name} has rows of {shape[1]}"
         return None
 
     @abstractmethod
