@@ -23,6 +23,10 @@ class LinearStats:
     gram: torch.Tensor  # (in_features, in_features) float64: sum over tokens of x x^T
     tokens: int = 0
 
+    @classmethod
+    def empty(cls, features: int, device: torch.device | str = "cpu") -> LinearStats:
+        return cls(torch.zeros(features, features, dtype=torch.float64, device=device))
+
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         # one sequence's products in fp32 (fast), summed across sequences in fp64 (no drift)
@@ -50,8 +54,7 @@ def collect_statistics(model: nn.Module, samples: TokenSamples, weight_names: It
         module = modules[_module_name(name)]
         if not isinstance(module, nn.Linear):
             continue  # embeddings take token ids, not activations
-        entry = stats[name] = LinearStats(torch.zeros(module.in_features, module.in_features, dtype=torch.float64,
-                                                      device=module.weight.device))
+        entry = stats[name] = LinearStats.empty(module.in_features, module.weight.device)
         handles.append(module.register_forward_hook(lambda _m, args, _out, entry=entry: entry.add(args[0])))
     try:
         for row in tqdm(samples.ids, desc="calibrate", unit="seq", disable=not progress, leave=False):

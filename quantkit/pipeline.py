@@ -184,11 +184,6 @@ def _tokenizer_texts(recipe: Recipe) -> list[str]:
     return texts
 
 
-def _verify(target: Target, path: Path, samples: TokenSamples, reference: list[torch.Tensor],
-            ref_metrics: Metrics, progress: bool) -> Metrics:
-    return score(samples.ids, target.logits(path, samples.ids, progress), reference, ref_metrics.perplexity)
-
-
 def ship(
     model: str | Path | None = None,
     targets: Sequence[str] = ("gguf:Q4_0", "gguf:Q8_0"),
@@ -216,30 +211,29 @@ def ship(
     quantized = quantized_tensor_names(source, recipe)
     check_grid_fits(source, quantized, recipe.int_grid(), f"--group-size {recipe.group_size}")
     ctx = ExportContext(source, recipe, quantized, quantize=lambda n, g: None, progress=progress)
-    method = METHODS[recipe.method]
+    method = METHODS[recipe.method].from_recipe(recipe)
     for target in parsed:
         target.validate(ctx)
         grid = target.grid(recipe)
-        reason = grid and method.from_recipe(recipe).unsupported(grid)
+        reason = grid and method.unsupported(grid)
         if reason:
             raise QuantkitError(f"--method {recipe.method} with {target.name}: {reason}; use --method rtn or awq")
     out = Path(out)
     tmp = _prepare_output(out, [t.filename() for t in parsed], overwrite)
     try:
-        result = _run(source, recipe, parsed, ctx, tmp, out, log, progress, started)
+        result = _run(source, recipe, method, parsed, ctx, tmp, out, log, progress, started)
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 
-def _run(source: ModelSource, recipe: Recipe, targets: list[Target], ctx: ExportContext, tmp: Path, out: Path,
-         log: _Log, progress: bool, started: float) -> ShipResult:
+def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Target], ctx: ExportContext, tmp: Path,
+         out: Path, log: _Log, progress: bool, started: float) -> ShipResult:
     log(f"model: {source.path} ({source.arch.hf_class}, {source.parameter_count / 1e6:.1f}M parameters)")
     source.check_finite()
     tokenizer = source.tokenizer()
     samples = make_samples(tokenizer, recipe.eval, "eval", recipe.eval_samples, recipe.seq_len)
-    method = METHODS[recipe.method].from_recipe(recipe)
     calib, calibration = None, None
     if method.needs_statistics:
         calib = make_samples(tokenizer, recipe.calib, "calib", recipe.calib_samples, recipe.seq_len)
@@ -283,7 +277,7 @@ def _ship_one(target: Target, ctx: ExportContext, tmp: Path, samples: TokenSampl
     t1 = time.time()
     log(f"{target.name}: checking in {target.runtime()['name']}")
     tokenizer_check = target.verify_tokenizer(path, tokenizer, texts)
-    metrics = _verify(target, path, samples, reference, ref_metrics, progress)
+    metrics = score(samples.ids, target.logits(path, samples.ids, progress), reference, ref_metrics.perplexity)
     t2 = time.time()
     bpw = target.bits_per_weight(ctx.recipe)
     gate = gate_for(bpw, ctx.recipe.gate_overrides())

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.grids import PER_CHANNEL, PER_TENSOR, IntGrid
+from quantkit.grids import PER_CHANNEL, IntGrid
 from quantkit.methods import METHODS
 from quantkit.model import ModelSource
 
@@ -97,5 +97,3 @@ def check_grid_fits(source: ModelSource, names: list[str], grid, what: str) -> N
             hint = "choose a group size that divides every row" if grid.group_size > 0 else "exclude it"
             raise QuantkitError(f"{what}: {reason}; {hint} (or --exclude '{name}')")
 
-
-__all__ = ["PER_CHANNEL", "PER_TENSOR", "Recipe", "check_grid_fits", "quantized_tensor_names"]

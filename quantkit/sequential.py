@@ -81,8 +81,7 @@ def shared_input_statistics(block: nn.Module, names: list[str], inputs: BlockInp
     the group's input is needed, so each statistics pass costs only the part of the block before it.
     """
     first = block.get_submodule(names[0])
-    stats = LinearStats(torch.zeros(first.in_features, first.in_features, dtype=torch.float64,
-                                    device=first.weight.device))
+    stats = LinearStats.empty(first.in_features, first.weight.device)
 
     def hook(_module, args):
         stats.add(args[0])

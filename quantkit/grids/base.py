@@ -34,9 +34,28 @@ class QuantParams:
     # scales and integer sub-block scales); carried along by ``map`` so row permutations keep them.
     aux: tuple[torch.Tensor, ...] = ()
 
+    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.scale, self.zero, self.minimum, self.inv_scale)
+
     def map(self, fn) -> QuantParams:
-        fields = (self.scale, self.zero, self.minimum, self.inv_scale)
-        return QuantParams(*(None if t is None else fn(t) for t in fields), aux=tuple(fn(t) for t in self.aux))
+        return QuantParams(*(None if t is None else fn(t) for t in self._tensors()),
+                           aux=tuple(fn(t) for t in self.aux))
+
+    def where(self, cond: torch.Tensor, other: QuantParams) -> QuantParams:
+        """``other``'s parameters where ``cond`` (shaped like the leading dims) holds, else these."""
+        def pick(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+            return torch.where(cond.reshape(*cond.shape, *[1] * (mine.ndim - cond.ndim)), theirs, mine)
+
+        pairs = zip(self._tensors(), other._tensors(), strict=True)
+        return QuantParams(*(None if a is None else pick(a, b) for a, b in pairs),
+                           aux=tuple(pick(a, b) for a, b in zip(self.aux, other.aux, strict=True)))
+
+    @staticmethod
+    def stack(params: list[QuantParams], dim: int) -> QuantParams:
+        """Per-group parameters fitted one group at a time, stacked along ``dim``."""
+        columns = zip(*(p._tensors() for p in params), strict=True)
+        return QuantParams(*(None if ts[0] is None else torch.stack(ts, dim=dim) for ts in columns),
+                           aux=tuple(torch.stack(ts, dim=dim) for ts in zip(*(p.aux for p in params), strict=True)))
 
 
 class Grid(ABC):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from quantkit.grids.base import QuantizedWeight, QuantParams
-from quantkit.grids.gguf_legacy import GGUFBlockGrid, _fp16_round
+from quantkit.grids.gguf_legacy import GGUFBlockGrid, _fp16_round, assemble_blocks
 
 SUPER_BLOCK = 256
 GROUP_MAX_EPS = 1e-15
@@ -121,7 +121,7 @@ class Q6_K(_KQuant):
         d, sc = qw.params.aux[0], qw.params.aux[1]
         parts = [ql.reshape(rows, blocks, 128).astype(np.uint8), qh.reshape(rows, blocks, 64).astype(np.uint8),
                  sc.numpy().astype(np.int8).view(np.uint8), d.numpy().astype("<f2").view(np.uint8)]
-        return np.concatenate([p.reshape(rows, blocks, -1) for p in parts], axis=-1).reshape(rows, -1)
+        return assemble_blocks(parts, rows)
 
 
 def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
@@ -235,7 +235,7 @@ class _Q45K(_KQuant):
 
     @staticmethod
     def _assemble(parts: list[np.ndarray], rows: int, blocks: int) -> np.ndarray:
-        return np.concatenate([p.reshape(rows, blocks, -1) for p in parts], axis=-1).reshape(rows, -1)
+        return assemble_blocks(parts, rows)
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ class Q4_K(_Q45K):
         rows, blocks = codes.shape[:2]
         q = codes.reshape(rows, blocks, 4, 2, 32)
         qs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(rows, blocks, 128)
-        return self._assemble([*self._header(qw), qs], rows, blocks)
+        return assemble_blocks([*self._header(qw), qs], rows)
 
 
 @dataclass(frozen=True)
@@ -275,7 +275,7 @@ class Q5_K(_Q45K):
         high = (q >> 4) & 1  # (rows, blocks, chunk, half, 32)
         shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)  # bit 2c + half
         qh = np.bitwise_or.reduce(high << shifts[None, None, :, :, None], axis=(2, 3)).astype(np.uint8)
-        return self._assemble([*self._header(qw), qh, qs], rows, blocks)
+        return assemble_blocks([*self._header(qw), qh, qs], rows)
 
 
 @dataclass(frozen=True)
@@ -316,7 +316,7 @@ class Q2_K(_KQuant):
         d, dmin, ls, lm = qw.params.aux[:4]
         scales = (ls.numpy().astype(np.uint8) | (lm.numpy().astype(np.uint8) << 4))
         parts = [scales, qs, d.numpy().astype("<f2").view(np.uint8), dmin.numpy().astype("<f2").view(np.uint8)]
-        return np.concatenate([p.reshape(rows, blocks, -1) for p in parts], axis=-1).reshape(rows, -1)
+        return assemble_blocks(parts, rows)
 
 
 def _nonzero(t: torch.Tensor) -> torch.Tensor:
@@ -393,4 +393,4 @@ class Q3_K(_KQuant):
             scales[..., 8 + j % 4] |= (levels[..., j] >> 4) << (2 * (j // 4))
         d = qw.params.aux[0].numpy().astype("<f2").view(np.uint8)
         parts = [hmask.astype(np.uint8), qs.astype(np.uint8), scales.astype(np.uint8), d]
-        return np.concatenate([p.reshape(rows, blocks, -1) for p in parts], axis=-1).reshape(rows, -1)
+        return assemble_blocks(parts, rows)

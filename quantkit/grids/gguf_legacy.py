@@ -81,8 +81,8 @@ def _f16(t: torch.Tensor) -> np.ndarray:
     return t.squeeze(-1).numpy().astype("<f2")
 
 
-def _assemble(parts: list[np.ndarray], rows: int) -> np.ndarray:
-    """Concatenate per-block fields (each (rows, n_blocks, k) bytes) into rows of raw bytes."""
+def assemble_blocks(parts: list[np.ndarray], rows: int) -> np.ndarray:
+    """Concatenate per-block fields (each ``(rows, n_blocks, ...)``, any dtype) into rows of raw bytes."""
     raw = [p.view(np.uint8).reshape(*p.shape[:2], -1) for p in parts]
     return np.concatenate(raw, axis=-1).reshape(rows, -1)
 
@@ -103,7 +103,7 @@ class Q8_0(GGUFBlockGrid):
 
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes()
-        return _assemble([_f16(qw.params.scale), codes.numpy().astype(np.int8)], codes.shape[0])
+        return assemble_blocks([_f16(qw.params.scale), codes.numpy().astype(np.int8)], codes.shape[0])
 
 
 def _inv(params: QuantParams) -> torch.Tensor:
@@ -151,7 +151,7 @@ class Q4_0(_SymmetricBlock):
 
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes()
-        return _assemble([_f16(qw.params.scale), _halves(codes)], codes.shape[0])
+        return assemble_blocks([_f16(qw.params.scale), _halves(codes)], codes.shape[0])
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class Q5_0(_SymmetricBlock):
 
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes()
-        return _assemble([_f16(qw.params.scale), _high_bits(codes), _halves(codes)], codes.shape[0])
+        return assemble_blocks([_f16(qw.params.scale), _high_bits(codes), _halves(codes)], codes.shape[0])
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ class Q4_1(_MinBlock):
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes()
         parts = [_f16(qw.params.scale), _f16(qw.params.minimum), _halves(codes)]
-        return _assemble(parts, codes.shape[0])
+        return assemble_blocks(parts, codes.shape[0])
 
 
 @dataclass(frozen=True)
@@ -186,4 +186,4 @@ class Q5_1(_MinBlock):
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes()
         parts = [_f16(qw.params.scale), _f16(qw.params.minimum), _high_bits(codes), _halves(codes)]
-        return _assemble(parts, codes.shape[0])
+        return assemble_blocks(parts, codes.shape[0])

@@ -150,16 +150,8 @@ def clipped_params(weight: torch.Tensor, x: torch.Tensor, grid: Grid, config: AW
         err = (torch.einsum("ntg,rng->rnt", xg, groups - deq) ** 2).sum(-1)  # (rows, n_groups)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        if best is None:
-            best = params
-        else:
-            best = QuantParams(*(None if a is None else torch.where(better[..., None], b, a)
-                                 for a, b in zip(_fields(best), _fields(params), strict=True)))
+        best = params if best is None else best.where(better, params)
     return best
-
-
-def _fields(p: QuantParams) -> tuple:
-    return (p.scale, p.zero, p.minimum, p.inv_scale)
 
 
 class AWQ(Method):

@@ -121,9 +121,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, confi
 
     inverse = torch.argsort(order)
     params = static_params if static else fitted
-    stacked = QuantParams(*(None if getattr(params[0], f) is None else
-                            torch.stack([getattr(p, f) for p in params], dim=1)
-                            for f in ("scale", "zero", "minimum", "inv_scale")))
+    stacked = QuantParams.stack(params, dim=1)
     g_idx = (torch.arange(cols, device=w.device) // group)[inverse] if sweep_groups else None
     return QuantizedWeight(codes=codes[:, inverse], params=stacked, grid=grid, g_idx=g_idx)
 
