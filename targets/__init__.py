@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from quantkit.errors import QuantkitError
 from quantkit.targets.base import ExportContext, Target
+from quantkit.targets.executorch import ExecuTorchTarget
 from quantkit.targets.gguf import GGUFTarget
 from quantkit.targets.hf_awq import HFAWQTarget
 from quantkit.targets.hf_gptq import HFGPTQTarget
 from quantkit.targets.onnx import ONNXTarget
 from quantkit.targets.ort import ORTTarget
 
-TARGETS: dict[str, type[Target]] = {t.kind: t for t in (GGUFTarget, HFGPTQTarget, HFAWQTarget, ONNXTarget, ORTTarget)}
+TARGETS: dict[str, type[Target]] = {t.kind: t for t in (GGUFTarget, HFGPTQTarget, HFAWQTarget, ONNXTarget, ORTTarget,
+                                                        ExecuTorchTarget)}
 
 
 def parse_target(spec: str) -> Target:

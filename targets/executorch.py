@@ -1,0 +1,308 @@
+"""ExecuTorch ``.pte`` programs lowered to XNNPACK, the CPU backend ExecuTorch ships to phones.
+
+Options (the option fixes the weight bits, as a GGUF type does; ``--bits`` is not read):
+
+* ``executorch`` / ``executorch:8da4w`` - int4 symmetric weights in groups of ``--group-size`` (a multiple
+  of 32, or ``-1`` per channel) and int8 activations quantized per token at run time ("8da4w").
+* ``executorch:8da8w`` - int8 symmetric per-channel weights, int8 dynamic activations (XNNPACK has no
+  8-bit group-wise weights, so ``--group-size`` is not read).
+
+The weights are quantkit's own codes and scales: each quantized linear becomes a module holding the
+int8 codes, whose forward is the dynamic-activation / dequantize-weight / linear pattern that
+XNNPACK's partitioner lowers to its ``qd8`` kernels (``quantized_decomposed`` ops: per-token
+asymmetric activation quantization, per-channel-group weight dequantization). XNNPACK stores group
+scales in bf16, so the 4-bit group grid fits its scales on bf16 values before choosing codes and the
+stored weights decode exactly as quantkit's; per-channel scales are stored in fp32.
+
+Not quantized: the token embedding is stored in 16 bits (the checkpoint's bf16/fp16, fp16 for fp32
+checkpoints) and looked up by ExecuTorch's portable kernel; an unquantized lm_head stays an fp32
+XNNPACK linear (``--quantize-lm-head`` makes it 8da4w/8da8w too); norms, rope and attention run in fp32.
+
+The program is one full-sequence forward of a fixed length (the recipe's ``--seq-len``) returning
+the logits of every position; there is no KV cache. Reason: the check scores every position of
+fixed-length rows, which one forward per row does exactly and fast; a KV-cache program (static cache
+as mutable buffers, prefill and one-token decode methods) is what an app generating text needs, and
+was not attempted in this change: it would be a second export path checked by token-by-token decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from quantkit.errors import QuantkitError
+from quantkit.grids import PER_CHANNEL, PER_TENSOR, IntGrid, QuantizedWeight
+from quantkit.recipe import Recipe
+from quantkit.targets.base import ExportContext, Target
+
+WEIGHT_BITS = {"8da4w": 4, "8da8w": 8}
+DEFAULT_OPTION = "8da4w"
+XNNPACK_GROUP_MULTIPLE = 32  # XNNPACK's blockwise int4 kernels take groups of 32k weights
+INSTALL_HINT = "pip install 'quantkit[executorch]'"
+
+
+@dataclass(frozen=True)
+class XnnpackGrid(IntGrid):
+    """Symmetric integers whose scales are fitted on the precision XNNPACK stores them in: bf16 for
+    group-wise int4, fp32 per channel. Codes chosen on the stored scale decode exactly as stored."""
+
+    # XNNPACK's blockwise weights are consecutive columns: GPTQ's act-order falls back to static groups.
+    contiguous_groups_only = True
+
+    @property
+    def bf16_scales(self) -> bool:
+        return self.group_size > 0
+
+    @property
+    def name(self) -> str:
+        return f"{super().name}-{'bf16' if self.bf16_scales else 'fp32'}-scales"
+
+    def _storable(self, scale: torch.Tensor) -> torch.Tensor:
+        if self.bf16_scales:
+            scale = scale.to(torch.bfloat16).float()
+        return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+    def bits_per_weight(self) -> float:
+        return self.bits + (16 / self.group_size if self.group_size > 0 else 0.0)
+
+
+class DynamicActivationQuantLinear(nn.Module):
+    """A linear holding int8 codes and scales; its forward is the pattern XNNPACK lowers to int8-activation,
+    int4/int8-weight kernels. Run eagerly, the same ops compute that arithmetic in torch."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.grid = qw.grid
+        self.register_buffer("codes", qw.codes.to(torch.int8))
+        scale = qw.params.scale[..., 0].float()  # (rows, groups); exact: the grid fitted it storable
+        self.register_buffer("scales", scale if self.grid.group_size > 0 else scale[:, 0].contiguous())
+        # XNNPACK ignores zero points of symmetric weights, but the partitioner expects the tensor
+        self.register_buffer("zeros", torch.zeros(self.scales.shape, dtype=torch.int32))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def decoded_weight(self) -> torch.Tensor:
+        ops = quantized_ops()
+        grid = self.grid
+        if grid.group_size > 0:
+            return ops.dequantize_per_channel_group(self.codes, self.scales, self.zeros, grid.qmin, grid.qmax,
+                                                    torch.int8, grid.group_size, torch.float32)
+        return ops.dequantize_per_channel(self.codes, self.scales, self.zeros, 0, grid.qmin, grid.qmax, torch.int8,
+                                          out_dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = quantized_ops()
+        # per-token asymmetric int8, the activation quantization XNNPACK's qd8 kernels do at run time
+        scale, zero = ops.choose_qparams_per_token_asymmetric(x, torch.int8)
+        xq = ops.quantize_per_token(x, scale, zero, -128, 127, torch.int8)
+        xd = ops.dequantize_per_token(xq, scale, zero, -128, 127, torch.int8, torch.float32)
+        return nn.functional.linear(xd, self.decoded_weight(), self.bias)
+
+
+def quantized_ops():
+    """torch's ``quantized_decomposed`` op namespace (registered on import of its defining module)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  registers the ops
+
+    return torch.ops.quantized_decomposed
+
+
+class StoredEmbedding(nn.Module):
+    """The token embedding kept in 16 bits (a lookup is not a matmul: XNNPACK does not run it, and
+    ExecuTorch's portable kernel reads any float type); rows are upcast to fp32 after the lookup."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight).float()
+
+
+def embedding_dtype(source_dtype: str) -> torch.dtype:
+    """The checkpoint's own 16-bit type (lossless), or fp16 for fp32 checkpoints, as GGUF files keep them."""
+    return torch.bfloat16 if source_dtype == "BF16" else torch.float16
+
+
+class LogitsOnly(nn.Module):
+    """The causal LM as one tensor-in, tensor-out forward: ids (1, seq) -> logits (1, seq, vocab)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def quantized_model(ctx: ExportContext, grid: IntGrid) -> nn.Module:
+    """The checkpoint in torch with every quantized linear replaced by a module holding our codes;
+    other tensors as the method left them (AWQ rescales norms)."""
+    model = ctx.source.hf_model(torch.float32, ctx.progress)
+    quantized = set(ctx.quantized_names)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in ctx.source.tensors:
+            if name not in quantized and name in params:
+                params[name].copy_(ctx.load(name, grid))
+    for name in ctx.quantized_names:
+        linear = model.get_submodule(name.removesuffix(".weight"))
+        replace_module(model, name, DynamicActivationQuantLinear(ctx.quantize(name, grid), linear.bias))
+    embedding = ctx.source.arch.embedding
+    dtype = embedding_dtype(ctx.source.tensors[embedding].dtype)
+    replace_module(model, embedding, StoredEmbedding(params[embedding], dtype))
+    return LogitsOnly(model).eval()
+
+
+def replace_module(model: nn.Module, tensor_name: str, module: nn.Module) -> None:
+    """Put ``module`` where the module owning ``tensor_name`` (e.g. ``model.layers.0.mlp.up_proj.weight``) is."""
+    parent, _, child = tensor_name.removesuffix(".weight").rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@dataclass
+class Delegation:
+    """How much of the lowered graph XNNPACK took."""
+
+    linears_delegated: int
+    linears_total: int
+    nodes_delegated: int
+    nodes_total: int
+    subgraphs: int
+
+    @property
+    def linear_fraction(self) -> float:
+        return self.linears_delegated / max(self.linears_total, 1)
+
+
+def delegation(graph_module) -> Delegation:
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(graph_module)
+    table = info.delegation_by_operator
+    linears = [b for op, b in table.items() if "linear" in op or op.endswith("mm")]
+    return Delegation(
+        linears_delegated=sum(b.delegated for b in linears),
+        linears_total=sum(b.delegated + b.non_delegated for b in linears),
+        nodes_delegated=info.num_delegated_nodes,
+        nodes_total=info.num_delegated_nodes + info.num_non_delegated_nodes,
+        subgraphs=info.num_delegated_subgraphs,
+    )
+
+
+def lower_to_xnnpack(model: nn.Module, seq_len: int):
+    """torch.export -> edge dialect with XNNPACK partitions -> ExecuTorch program; and the delegation."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    example = (torch.zeros(1, seq_len, dtype=torch.long),)
+    with torch.no_grad():
+        # strict=False: transformers' forward has Python control flow that dynamo's strict mode rejects
+        exported = torch.export.export(model, example, strict=False)
+    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    return edge.to_executorch(), delegation(edge.exported_program().graph_module)
+
+
+def executorch_version() -> str | None:
+    try:
+        return metadata.version("executorch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+class ExecuTorchTarget(Target):
+    kind = "executorch"
+
+    def __init__(self, option: str | None):
+        option = option or DEFAULT_OPTION
+        if option not in WEIGHT_BITS:
+            raise QuantkitError(f"executorch option {option!r} is unknown; use one of: {', '.join(WEIGHT_BITS)}")
+        super().__init__(option)
+        self.delegation: Delegation | None = None
+        self._bpw: float | None = None
+
+    def grid(self, recipe: Recipe) -> XnnpackGrid:
+        bits = WEIGHT_BITS[self.option]
+        group_size = recipe.group_size if bits == 4 else PER_CHANNEL
+        return XnnpackGrid(bits=bits, group_size=group_size, symmetric=recipe.scheme == "sym")
+
+    def filename(self) -> str:
+        return f"model-{self.option}.pte"
+
+    def validate(self, ctx: ExportContext) -> None:
+        if executorch_version() is None:
+            raise QuantkitError(f"the executorch target needs ExecuTorch installed; {INSTALL_HINT}")
+        grid = self.grid(ctx.recipe)
+        if not grid.symmetric:
+            raise QuantkitError(f"{self.name} stores symmetric weights only (XNNPACK's int4/int8 weights have no "
+                                "zero point); use --scheme sym")
+        if grid.group_size == PER_TENSOR:
+            raise QuantkitError(f"{self.name}: XNNPACK has no per-tensor weights with dynamic activations; "
+                                f"use --group-size 32, 64, 128 or 256, or -1 (per channel)")
+        if grid.group_size > 0 and grid.group_size % XNNPACK_GROUP_MULTIPLE:
+            raise QuantkitError(f"{self.name}: XNNPACK's int4 kernels need a group size that is a multiple of "
+                                f"{XNNPACK_GROUP_MULTIPLE}, got {grid.group_size}; use 32, 64, 128 or 256, or -1")
+        if ctx.recipe.quantize_embeddings:
+            raise QuantkitError(f"{self.name} keeps the token embedding in fp32 (XNNPACK has no quantized "
+                                "embedding lookup); drop --quantize-embeddings")
+        self._bpw = self._stored_bits(ctx, grid)
+
+    @staticmethod
+    def _stored_bits(ctx: ExportContext, grid: XnnpackGrid) -> float:
+        """Bits per quantized weight as stored: codes plus scales (bf16 per group, fp32 per channel)."""
+        weights = scale_bits = 0
+        for name in ctx.quantized_names:
+            rows, cols = ctx.source.tensors[name].shape
+            weights += rows * cols
+            scale_bits += rows * (cols // grid.group_size * 16 if grid.group_size > 0 else 32)
+        return grid.bits + scale_bits / max(weights, 1)
+
+    def bits_per_weight(self, recipe: Recipe) -> float:
+        return self._bpw if self._bpw is not None else self.grid(recipe).bits_per_weight()
+
+    def export(self, ctx: ExportContext, path: Path) -> None:
+        model = quantized_model(ctx, self.grid(ctx.recipe))
+        program, self.delegation = lower_to_xnnpack(model, ctx.recipe.seq_len)
+        if self.delegation.linears_delegated < self.delegation.linears_total:
+            missing = self.delegation.linears_total - self.delegation.linears_delegated
+            raise QuantkitError(f"XNNPACK did not take {missing} of {self.delegation.linears_total} linears of "
+                                f"{path.name}; they would run unquantized-kernel fallbacks: report this with the "
+                                "model, or --exclude them")
+        path.write_bytes(program.buffer)
+
+    def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:
+        method = load_forward(path)
+        expected = tuple(method.metadata.input_tensor_meta(0).sizes())
+        for row in tqdm(ids, desc=f"executorch {path.name}", unit="seq", disable=not progress, leave=False):
+            if (1, row.shape[0]) != expected:
+                raise QuantkitError(f"{path.name} was exported for {expected[1]} tokens per sequence, got "
+                                    f"{row.shape[0]}; export again with --seq-len {row.shape[0]}")
+            yield method.execute([row[None].to(torch.long).contiguous()])[0][0].float().numpy()
+
+    def runtime(self) -> dict:
+        return {"name": "ExecuTorch runtime (XNNPACK delegate)", "version": {"executorch": executorch_version()}}
+
+    def notes(self) -> list[str]:
+        lines = ["full-sequence forward of --seq-len tokens, no KV cache; activations int8 per token at run time"]
+        if self.option == "8da8w":
+            lines.append("8da8w: weights per channel (XNNPACK has no 8-bit groups); --group-size not used")
+        if self.delegation:
+            d = self.delegation
+            lines.append(f"XNNPACK took {d.linears_delegated}/{d.linears_total} linears and "
+                         f"{d.nodes_delegated}/{d.nodes_total} graph nodes in {d.subgraphs} subgraphs")
+        return lines
+
+
+def load_forward(path: Path):
+    """The program's ``forward`` method, loaded by the ExecuTorch runtime."""
+    try:
+        from executorch.runtime import Runtime
+    except ImportError:
+        raise QuantkitError(f"checking {path.name} needs the ExecuTorch runtime; {INSTALL_HINT}") from None
+    program = Runtime.get().load_program(path)
+    return program.load_method("forward")
