@@ -129,9 +129,62 @@ def format_hf_folder(info: dict, all_tensors: bool = False) -> str:
     return "\n".join(lines)
 
 
-def inspect_artifact(path: str | Path) -> tuple[dict, str]:
-    """(info, kind) for a .gguf file or a checkpoint folder."""
+def inspect_onnx_folder(path: str | Path) -> dict:
+    """What an onnx / ort target folder holds: graph inputs and outputs, operators, MatMulNBits weights."""
     path = Path(path)
+    files = {f.name: f.stat().st_size for f in sorted(path.iterdir()) if f.is_file()}
+    info: dict = {"path": str(path), "files": files}
+    if "model.onnx" in files:
+        import onnx
+
+        model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+        graph = model.graph
+        ops: dict[str, int] = defaultdict(int)
+        for node in graph.node:
+            ops[node.op_type] += 1
+        quantized = [{a.name: a.i for a in node.attribute} for node in graph.node if node.op_type == "MatMulNBits"]
+        info.update(format="onnx", opsets={o.domain or "ai.onnx": o.version for o in model.opset_import},
+                    inputs=[i.name for i in graph.input], outputs=[o.name for o in graph.output],
+                    operators=dict(sorted(ops.items())),
+                    matmul_nbits={"count": len(quantized),
+                                  "bits": sorted({q["bits"] for q in quantized}),
+                                  "block_sizes": sorted({q["block_size"] for q in quantized}),
+                                  "weights": sum(q["K"] * q["N"] for q in quantized)})
+    elif "model.ort" in files:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path / "model.ort"), providers=["CPUExecutionProvider"])
+        config = path / "required_operators.config"
+        info.update(format="ort", inputs=[i.name for i in session.get_inputs()],
+                    outputs=[o.name for o in session.get_outputs()],
+                    required_operators=[line for line in config.read_text().splitlines()
+                                        if line and not line.startswith("#")] if config.is_file() else None)
+    else:
+        raise QuantkitError(f"{path} has neither model.onnx nor model.ort; pass an onnx / ort target folder")
+    return info
+
+
+def format_onnx_folder(info: dict, all_tensors: bool = False) -> str:
+    total = sum(info["files"].values()) / 2**20
+    lines = [f"{info['path']}: {info['format']} folder, {total:.2f} MiB",
+             "files: " + ", ".join(f"{name} ({size / 2**20:.2f} MiB)" for name, size in info["files"].items()),
+             f"inputs: {', '.join(info['inputs'][:4])}{' ...' if len(info['inputs']) > 4 else ''}",
+             f"outputs: {', '.join(info['outputs'][:2])}{' ...' if len(info['outputs']) > 2 else ''}"]
+    if info["format"] == "onnx":
+        q = info["matmul_nbits"]
+        lines.append(f"MatMulNBits: {q['count']} linears, {q['weights'] / 1e6:.2f}M weights, bits {q['bits']}, "
+                     f"block sizes {q['block_sizes']}")
+        lines.append("operators: " + ", ".join(f"{op} x{n}" for op, n in info["operators"].items()))
+    elif info["required_operators"]:
+        lines += ["required operators:", *(f"  {line}" for line in info["required_operators"])]
+    return "\n".join(lines)
+
+
+def inspect_artifact(path: str | Path) -> tuple[dict, str]:
+    """(info, kind) for a .gguf file, an onnx / ort folder or a checkpoint folder."""
+    path = Path(path)
+    if path.is_dir() and ((path / "model.onnx").is_file() or (path / "model.ort").is_file()):
+        return inspect_onnx_folder(path), "onnx"
     if path.is_dir():
         return inspect_hf_folder(path), "hf"
     return inspect_gguf(path), "gguf"
@@ -154,4 +207,5 @@ def format_gguf(info: dict, all_tensors: bool = False) -> str:
             lines.append(f"  {t['name'].ljust(name_w)}  {t['type']:6s} {shape:>12s}  {t['bits_per_weight']:.3f} bpw")
     return "\n".join(lines)
 
-__all__ = ["format_gguf", "format_hf_folder", "inspect_artifact", "inspect_gguf", "inspect_hf_folder"]
+__all__ = ["format_gguf", "format_hf_folder", "format_onnx_folder", "inspect_artifact", "inspect_gguf",
+           "inspect_hf_folder", "inspect_onnx_folder"]

@@ -162,3 +162,14 @@ def test_unknown_option_is_refused():
 def test_grid_is_the_checkpoint_grid():
     assert onnx_target.ONNXTarget(None).grid(Recipe(bits=8)) == IntGrid(bits=8, group_size=128, symmetric=True,
                                                                          fp16_scales=True, min_zero=1)
+
+
+def test_inspect_shows_the_matmul_nbits_weights(gptq_pair, capsys):
+    from quantkit.cli import main
+
+    folder = next(gptq_pair.out_dir / a.path for a in gptq_pair.artifacts if a.target == "onnx")
+    assert main(["inspect", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "onnx" and info["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert info["matmul_nbits"]["count"] == 28 and info["matmul_nbits"]["bits"] == [4]
+    assert info["matmul_nbits"]["block_sizes"] == [128] and info["operators"]["Gather"] > 28
