@@ -22,19 +22,17 @@ import llama_cpp
 
 import quantkit
 from quantkit.grids import GGUF_GRIDS
-from quantkit.targets.gguf_mixes import MIXES
+from quantkit.targets.gguf_mixes import FILE_TYPES
 
-TYPES = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_K", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_K",
-         "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q3_K", "Q2_K"]
-# llama.cpp names pure k-quant files by their _M mix
-LLAMA_FTYPE = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}
+# llama.cpp's file types (Q2_K_S needs an importance matrix and is left out)
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
+         "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
 RESULTS = Path(__file__).parent / "results"
 
 
 def llama_cpp_reference(f32: Path, dst: Path, gguf_type: str) -> tuple[Path, float]:
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{LLAMA_FTYPE.get(gguf_type, gguf_type)}")
-    params.pure = gguf_type not in MIXES  # single types: every matrix that type; mixes: llama.cpp's rules
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
     start = time.time()
     if llama_cpp.llama_model_quantize(str(f32).encode(), str(dst).encode(), params) != 0:
         raise RuntimeError(f"llama_model_quantize failed for {gguf_type}")
@@ -65,8 +63,8 @@ def main() -> None:
                       progress=True, verbose=True)
         rtn_out, gptq_out = Path(tmp) / "rtn", Path(tmp) / "gptq"
         result = quantkit.ship(targets=[f"gguf:{t}" for t in TYPES], out=rtn_out, method="rtn", **common)
-        gptq = quantkit.ship(targets=[f"gguf:{t}" for t in TYPES if t in GGUF_GRIDS and GGUF_GRIDS[t].column_encodable],
-                             out=gptq_out, method="gptq", **common)
+        gptq_types = [t for t in TYPES if getattr(GGUF_GRIDS.get(FILE_TYPES[t].base), "column_encodable", False)]
+        gptq = quantkit.ship(targets=[f"gguf:{t}" for t in gptq_types], out=gptq_out, method="gptq", **common)
         wall = time.time() - started
         for method, run, out in (("rtn", result, rtn_out), ("gptq", gptq, gptq_out)):
             for art in run.artifacts:
@@ -74,7 +72,7 @@ def main() -> None:
                 row = {"type": gguf_type, "method": method, "bits_per_weight": art.bits_per_weight,
                        "bytes": art.bytes, **art.metrics, "verdict": art.verdict,
                        "export_s": art.seconds["export"], "verify_s": art.seconds["verify"]}
-                if (gguf_type in GGUF_GRIDS or gguf_type in MIXES) and method == "rtn":
+                if FILE_TYPES[gguf_type].quantized and method == "rtn":
                     theirs, seconds = llama_cpp_reference(rtn_out / "model-F32.gguf",
                                                           Path(tmp) / f"ref-{gguf_type}.gguf", gguf_type)
                     same, compared = identical_quantized_tensors(out / art.path, theirs)
@@ -100,8 +98,8 @@ def to_markdown(p: dict) -> str:
         f"Command: `{p['command']}` (quantkit {p['quantkit']}, llama-cpp-python {p['llama_cpp_python']}, "
         f"Python {p['python']}). Evaluation: {p['eval_tokens']} tokens of the built-in eval split; reference "
         f"(transformers, fp32) perplexity {p['reference']['perplexity']:.3f}. GPTQ calibrates on "
-        f"{p['calib_tokens']} tokens of the calib split. Token embedding and output stay F16 in quantized files "
-        "(quantkit's default) except in the _S/_M mixes, which quantize every matrix as llama.cpp does. "
+        f"{p['calib_tokens']} tokens of the calib split. Every file type types every matrix (token embedding "
+        "and output included) as llama.cpp's quantizer does for it. "
         "\"Same bytes\": quantized tensors identical to llama.cpp's `llama_model_quantize` output from our F32 "
         "file. Export time includes GPTQ's layer-by-layer pass; k-quant rounding runs in Python loops.",
         "",

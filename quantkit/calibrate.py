@@ -3,7 +3,8 @@
 For each quantized linear: the sum of outer products of its inputs (``X^T X``, GPTQ's Hessian up
 to a factor) and the token count; the diagonal over the count is the mean squared activation per
 input channel (llama.cpp's importance matrix, AWQ's activation magnitude). One forward pass over
-the calibration samples serves every grid and every target of a run.
+the calibration samples serves every grid and every target of a run. When only the importance
+matrix is needed (``gram=False``) just the per-channel sums of squares are kept: n numbers, not n^2.
 """
 
 from __future__ import annotations
@@ -20,23 +21,35 @@ from quantkit.data import TokenSamples
 
 @dataclass
 class LinearStats:
-    gram: torch.Tensor  # (in_features, in_features) float64: sum over tokens of x x^T
+    gram: torch.Tensor | None  # (in_features, in_features) float64: sum over tokens of x x^T; None: diagonal only
     tokens: int = 0
+    squares: torch.Tensor | None = None  # (in_features,) float64 sum of x_j^2, kept when there is no gram
 
     @classmethod
-    def empty(cls, features: int, device: torch.device | str = "cpu") -> LinearStats:
-        return cls(torch.zeros(features, features, dtype=torch.float64, device=device))
+    def empty(cls, features: int, device: torch.device | str = "cpu", gram: bool = True) -> LinearStats:
+        if gram:
+            return cls(torch.zeros(features, features, dtype=torch.float64, device=device))
+        # an importance matrix needs only the diagonal: in_features numbers instead of in_features^2
+        return cls(None, squares=torch.zeros(features, dtype=torch.float64, device=device))
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        # one sequence's products in fp32 (fast), summed across sequences in fp64 (no drift)
-        self.gram += (x.T @ x).double()
+        if self.gram is not None:
+            # one sequence's products in fp32 (fast), summed across sequences in fp64 (no drift)
+            self.gram += (x.T @ x).double()
+        if self.squares is not None:
+            self.squares += (x.double() ** 2).sum(0)
         self.tokens += x.shape[0]
+
+    @property
+    def sum_squares(self) -> torch.Tensor:
+        """Sum of x_j^2 over calibration tokens, per input channel j."""
+        return self.squares if self.squares is not None else torch.diagonal(self.gram)
 
     @property
     def mean_square(self) -> torch.Tensor:
         """Mean of x_j^2 over calibration tokens, per input channel j."""
-        return torch.diagonal(self.gram) / max(self.tokens, 1)
+        return self.sum_squares / max(self.tokens, 1)
 
 
 def _module_name(weight_name: str) -> str:
@@ -45,8 +58,9 @@ def _module_name(weight_name: str) -> str:
 
 @torch.no_grad()
 def collect_statistics(model: nn.Module, samples: TokenSamples, weight_names: Iterable[str],
-                       progress: bool = False) -> dict[str, LinearStats]:
-    """Run the calibration samples through ``model`` and accumulate each named linear's input stats."""
+                       progress: bool = False, gram: bool = True) -> dict[str, LinearStats]:
+    """Run the calibration samples through ``model`` and accumulate each named linear's input stats
+    (``gram=False``: only the per-channel sums of squares, all an importance matrix needs)."""
     modules = dict(model.named_modules())
     stats: dict[str, LinearStats] = {}
     handles = []
@@ -54,7 +68,7 @@ def collect_statistics(model: nn.Module, samples: TokenSamples, weight_names: It
         module = modules[_module_name(name)]
         if not isinstance(module, nn.Linear):
             continue  # embeddings take token ids, not activations
-        entry = stats[name] = LinearStats.empty(module.in_features, module.weight.device)
+        entry = stats[name] = LinearStats.empty(module.in_features, module.weight.device, gram)
         handles.append(module.register_forward_hook(lambda _m, args, _out, entry=entry: entry.add(args[0])))
     try:
         for row in tqdm(samples.ids, desc="calibrate", unit="seq", disable=not progress, leave=False):

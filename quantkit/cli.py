@@ -16,15 +16,26 @@ from quantkit.errors import QuantkitError
 
 SHIP_EPILOG = """\
 targets:
-  gguf:TYPE   llama.cpp GGUF file; TYPE one of F32, F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K,
-              Q4_1, Q4_0, Q3_K, Q2_K (every quantized tensor of that type), or a llama.cpp mix:
-              Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M (types per tensor as llama.cpp
-              chooses them, embeddings and output included).
+  gguf:TYPE   llama.cpp GGUF file of llama.cpp's file type TYPE: F32, F16, BF16, Q8_0, Q6_K, Q5_1,
+              Q5_0, Q4_1, Q4_0, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K,
+              Q2_K_S (needs an importance matrix); Q5_K, Q4_K, Q3_K are aliases of the _M types, as in
+              llama-quantize. Every matrix gets the type llama.cpp's quantizer gives it for that file
+              type (token embedding and output included; output in Q6_K), byte-identical to llama.cpp;
+              --pure puts every matrix in the base type; --tensor-type and the two shortcuts override.
               Checked by loading it in llama.cpp (llama-cpp-python) and scoring its logits.
               GGUF block types fix their own grid (32-weight blocks).
   hf-gptq     Hugging Face GPTQ v1 checkpoint folder (2/4/8 bit) on the --bits/--group-size/--scheme grid.
   hf-awq      Hugging Face AWQ GEMM checkpoint folder (4 bit, group-wise).
               Both checked by loading them in transformers with gptqmodel + optimum (pip install '.[hf]').
+  onnx[:fp32|fp16]  ONNX decoder with KV cache (optimum / onnxruntime-genai input and output names);
+              quantized linears are com.microsoft MatMulNBits holding quantkit's integers (2/4/8 bit,
+              group size a power of two >= 16, or -1). Checked in onnxruntime (pip install '.[onnx]').
+  ort[:fp32|fp16]   the same decoder in ORT format for mobile / reduced builds, with its
+              required_operators.config. Checked by loading model.ort in onnxruntime.
+  executorch[:8da4w|8da8w]  ExecuTorch .pte lowered to XNNPACK: int4 group-wise (8da4w, --group-size a
+              multiple of 32 or -1) or int8 per-channel (8da8w) symmetric weights, int8 dynamic
+              activations; one full-sequence forward (no KV cache). Checked in the ExecuTorch runtime
+              (pip install '.[executorch]').
 
 exit codes: 0 all artifacts accepted, 1 an artifact failed its gate, 2 bad input.
 
@@ -72,14 +83,33 @@ def _add_ship(sub) -> None:
                    help="gptq: fit group scales on the original weights before the sweep")
     q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where gptq/awq run their layer-by-layer pass (default: auto = cuda if present)")
-    q.add_argument("--quantize-embeddings", action="store_true", help="also quantize the token embedding")
-    q.add_argument("--quantize-lm-head", action="store_true", help="also quantize the output projection")
+    q.add_argument("--quantize-embeddings", action="store_true",
+                   help="also quantize the token embedding (GGUF ignores it: its file types type every matrix)")
+    q.add_argument("--quantize-lm-head", action="store_true",
+                   help="also quantize the output projection (GGUF ignores it: its file types type every matrix)")
     q.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="keep tensors matching GLOB unquantized, e.g. 'model.layers.0.*' (repeatable)")
+                   help="keep tensors matching GLOB unquantized, e.g. 'model.layers.0.*' (repeatable; GGUF writes "
+                   "them F16)")
+    q.add_argument("--pure", action="store_true",
+                   help="GGUF: every matrix in the file type's base type, without llama.cpp's per-tensor rules "
+                   "(output in Q6_K, more bits for some attn_v / ffn_down ...), like llama-quantize --pure")
+    q.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE", dest="tensor_types",
+                   help="GGUF: matrices whose GGUF name REGEX is found in get TYPE, e.g. 'attn_v=Q8_0' or "
+                   "'blk\\.0\\..*=Q6_K' (Python regex searched in names like blk.0.attn_v.weight, as "
+                   "llama-quantize --tensor-type does; the first matching option wins; repeatable)")
+    q.add_argument("--token-embedding-type", metavar="TYPE",
+                   help="GGUF: type of token_embd.weight (e.g. Q8_0, F16), before any other rule")
+    q.add_argument("--output-tensor-type", metavar="TYPE",
+                   help="GGUF: type of output.weight (and of a tied token embedding), before any other rule")
     d = p.add_argument_group("data")
     d.add_argument("--calib", default="builtin",
                    help="calibration text: 'builtin' (stdlib split), a .txt/.jsonl file or a folder (default: builtin)")
     d.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default: 32)")
+    d.add_argument("--imatrix", default="none", metavar="none|calib|PATH",
+                   help="GGUF importance matrix weighting each input column's rounding error (Q8_0 ignores it; "
+                   "rtn only): none; calib = mean squared activations over the --calib text, also written to "
+                   "OUT/imatrix.gguf for llama-quantize --imatrix; or PATH to a llama.cpp imatrix file "
+                   "(.gguf or legacy .dat) (default: none)")
     d.add_argument("--eval", default="builtin", help="evaluation text, same forms as --calib (default: builtin)")
     d.add_argument("--eval-samples", type=int, default=16, help="evaluation sequences (default: 16)")
     d.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default: 512)")
@@ -143,7 +173,9 @@ def _run_ship(args) -> int:
         damp_percent=args.damp_percent, act_order=args.act_order, static_groups=args.static_groups,
         device=args.device, runtime=args.runtime,
         quantize_embeddings=args.quantize_embeddings, quantize_lm_head=args.quantize_lm_head,
-        exclude=args.exclude, calib=args.calib, calib_samples=args.calib_samples, eval=args.eval,
+        exclude=args.exclude, pure=args.pure, tensor_types=args.tensor_types,
+        token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
+        calib=args.calib, calib_samples=args.calib_samples, imatrix=args.imatrix, eval=args.eval,
         eval_samples=args.eval_samples, seq_len=args.seq_len, max_ppl_increase_pct=args.max_ppl_increase,
         max_kld=args.max_kld, min_top1=args.min_top1,
     )
@@ -162,10 +194,10 @@ def _run_ship(args) -> int:
 
 
 def _run_inspect(args) -> int:
-    from quantkit.inspection import format_gguf, format_hf_folder, inspect_artifact
+    from quantkit.inspection import format_gguf, format_hf_folder, format_onnx_folder, inspect_artifact
 
     info, kind = inspect_artifact(args.artifact)
-    formatter = format_gguf if kind == "gguf" else format_hf_folder
+    formatter = {"gguf": format_gguf, "hf": format_hf_folder, "onnx": format_onnx_folder}[kind]
     print(json.dumps(info, indent=2) if args.json else formatter(info, args.tensors))
     return 0
 

@@ -23,6 +23,15 @@ from quantkit.checks import MetricAccumulator, Metrics, gate_for, score
 from quantkit.data import TokenSamples, load_documents, make_samples
 from quantkit.errors import QuantkitError
 from quantkit.grids import Grid, QuantizedWeight
+from quantkit.imatrix import (
+    GGUF_FILENAME,
+    ImportanceMatrix,
+    from_statistics,
+    gguf_weight_names,
+    importance_for,
+    load_imatrix_option,
+    write_imatrix,
+)
 from quantkit.manifest import artifact_digest, environment, write_manifest
 from quantkit.methods import METHODS, Method, RoundToNearest
 from quantkit.model import ModelSource
@@ -130,14 +139,22 @@ class WeightQuantizer:
     """
 
     def __init__(self, source: ModelSource, method: Method, calib: TokenSamples | None, names: list[str],
-                 log: _Log, progress: bool, device: torch.device | None = None):
+                 log: _Log, progress: bool, device: torch.device | None = None, imatrix: str = "none",
+                 imatrix_file: ImportanceMatrix | None = None):
         self.source, self.method, self.calib, self.log, self.progress = source, method, calib, log, progress
         self.device = device or torch.device("cpu")
         self.block_names = [n for i in range(source.n_layers) for n in source.arch.linear_weights(i) if n in names]
         self._stats: dict[str, LinearStats] | None = None
         self._by_grid: dict[Grid, SequentialResult] = {}
+        self.imatrix_option, self.imatrix = imatrix, imatrix_file  # "calib": collected on first use
+        self._gguf_names = gguf_weight_names(source.arch, source.n_layers)
 
     def __call__(self, name: str, grid: Grid) -> QuantizedWeight:
+        if self.imatrix_option != "none" and grid.uses_importance:  # the recipe allows it with rtn only
+            weight = self.source.load(name)
+            importance = importance_for(self.importance_matrix(), self._gguf_names.get(name, name), weight.shape[1],
+                                        self.imatrix_option)
+            return RoundToNearest().quantize_weight(weight, grid, importance=importance)
         if self.method.sequential:
             if name not in self.block_names:
                 return RoundToNearest().quantize_weight(self.source.load(name), grid)
@@ -165,6 +182,20 @@ class WeightQuantizer:
             result.replaced = {n: t.to("cpu") for n, t in result.replaced.items()}
             self._by_grid[grid] = result
         return self._by_grid[grid]
+
+    def importance_matrix(self) -> ImportanceMatrix | None:
+        """The run's importance matrix: the file's, or collected from the calibration text on first use
+        (per-channel sums of squares only, by the same hooks as the other methods' statistics)."""
+        if self.imatrix is None and self.imatrix_option == "calib":
+            self.log(f"importance matrix over {self.calib.n_tokens} calibration tokens")
+            linears = [n for i in range(self.source.n_layers) for n in self.source.arch.linear_weights(i)]
+            if not self.source.tied_embeddings:
+                linears.append(self.source.arch.lm_head)  # output.weight is weighted too when a mix quantizes it
+            model = self.source.hf_model(torch.float32, self.progress)
+            stats = collect_statistics(model, self.calib, linears, self.progress, gram=False)
+            self.imatrix = from_statistics(stats, self._gguf_names, self.calib.source, self.calib.ids.shape[1],
+                                           self.calib.ids.shape[0])
+        return self.imatrix
 
     def _statistics(self) -> dict[str, LinearStats]:
         if self._stats is None:
@@ -219,7 +250,8 @@ def ship(
         if reason:
             raise QuantkitError(f"--method {recipe.method} with {target.name}: {reason}; use --method rtn or awq")
     out = Path(out)
-    tmp = _prepare_output(out, [t.filename() for t in parsed], overwrite)
+    extra = [GGUF_FILENAME] if recipe.imatrix == "calib" else []
+    tmp = _prepare_output(out, [t.filename() for t in parsed] + extra, overwrite)
     try:
         result = _run(source, recipe, method, parsed, ctx, tmp, out, log, progress, started)
         _move_into_place(tmp, out)
@@ -231,15 +263,18 @@ def ship(
 def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Target], ctx: ExportContext, tmp: Path,
          out: Path, log: _Log, progress: bool, started: float) -> ShipResult:
     log(f"model: {source.path} ({source.arch.hf_class}, {source.parameter_count / 1e6:.1f}M parameters)")
+    imatrix_file = load_imatrix_option(recipe.imatrix, source, ctx.quantized_names)  # a bad file fails first
     source.check_finite()
     tokenizer = source.tokenizer()
     samples = make_samples(tokenizer, recipe.eval, "eval", recipe.eval_samples, recipe.seq_len)
     calib, calibration = None, None
-    if method.needs_statistics:
+    if method.needs_statistics or recipe.imatrix == "calib":
         calib = make_samples(tokenizer, recipe.calib, "calib", recipe.calib_samples, recipe.seq_len)
         calibration = {"source": calib.source, "samples": calib.ids.shape[0], "seq_len": recipe.seq_len,
                        "tokens": calib.n_tokens, "ids_sha256": calib.sha256}
-    ctx.quantize = WeightQuantizer(source, method, calib, ctx.quantized_names, log, progress, recipe.torch_device())
+    quantizer = WeightQuantizer(source, method, calib, ctx.quantized_names, log, progress, recipe.torch_device(),
+                                recipe.imatrix, imatrix_file)
+    ctx.quantize = quantizer
     reference, ref_metrics = _reference_logprobs(source, samples, log, progress)
     log(f"reference perplexity {ref_metrics.perplexity:.3f}")
 
@@ -248,6 +283,7 @@ def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Targ
     for target in targets:
         artifacts.append(_ship_one(target, ctx, tmp, samples, reference, ref_metrics, tokenizer, texts, log,
                                    progress))
+    imatrix = _imatrix_entry(recipe, quantizer, tmp)
 
     result = ShipResult(out_dir=out, manifest={}, artifacts=artifacts,
                         reference={"runtime": "transformers (torch fp32)", "metrics": ref_metrics.to_dict()})
@@ -258,7 +294,7 @@ def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Targ
         recipe=recipe.to_dict(),
         data={"eval": {"source": samples.source, "samples": samples.ids.shape[0], "seq_len": recipe.seq_len,
                        "tokens": samples.n_tokens, "ids_sha256": samples.sha256},
-              "calibration": calibration},
+              "calibration": calibration, "imatrix": imatrix},
         reference=result.reference,
         artifacts=artifacts,
         environment=environment(),
@@ -306,6 +342,22 @@ def _ship_one(target: Target, ctx: ExportContext, tmp: Path, samples: TokenSampl
         seconds={"export": round(t1 - t0, 2), "verify": round(t2 - t1, 2)},
         notes=target.notes(),
     )
+
+
+def _imatrix_entry(recipe: Recipe, quantizer: WeightQuantizer, tmp: Path) -> dict | None:
+    """The manifest's record of the importance matrix; a collected one is written for llama-quantize."""
+    if recipe.imatrix == "none":
+        return None
+    matrix = quantizer.importance_matrix()
+    entry = {"source": recipe.imatrix, "entries": len(matrix.entries), "path": None}
+    if recipe.imatrix == "calib":
+        path = write_imatrix(matrix, tmp / GGUF_FILENAME)
+        entry["path"] = GGUF_FILENAME
+    else:
+        path = Path(recipe.imatrix)
+    size, digest = artifact_digest(path)
+    entry.update(bytes=size, sha256=digest)
+    return entry
 
 
 def _model_entry(source: ModelSource) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -27,8 +28,16 @@ class Recipe:
     quantize_embeddings: bool = False
     quantize_lm_head: bool = False
     exclude: list[str] = field(default_factory=list)  # glob patterns of tensor names kept unquantized
+    # GGUF type choice, as llama-quantize's options: --pure drops llama.cpp's per-tensor rules; 'REGEX=TYPE'
+    # overrides (first match on the GGUF name wins) and the two shortcuts come before the rules
+    pure: bool = False
+    tensor_types: list[str] = field(default_factory=list)
+    token_embedding_type: str | None = None
+    output_tensor_type: str | None = None
     calib: str = "builtin"
     calib_samples: int = 32
+    # GGUF importance matrix: none, calib (collected from --calib text) or a llama.cpp imatrix file
+    imatrix: str = "none"
     eval: str = "builtin"
     eval_samples: int = 16
     seq_len: int = 512
@@ -55,6 +64,29 @@ class Recipe:
             raise QuantkitError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
         if self.seq_len < 2 or self.calib_samples < 1 or self.eval_samples < 1:
             raise QuantkitError("--seq-len must be >= 2 and sample counts >= 1")
+        self._validate_imatrix()
+        self._validate_gguf_types()
+
+    def _validate_gguf_types(self) -> None:
+        """Malformed GGUF type options fail here even when no GGUF target would read them."""
+        from quantkit.targets.gguf_mixes import override_type, parse_override  # targets import this module
+
+        for spec in self.tensor_types:
+            parse_override(spec)
+        for option, value in (("--token-embedding-type", self.token_embedding_type),
+                              ("--output-tensor-type", self.output_tensor_type)):
+            if value is not None:
+                override_type(value, option)
+
+    def _validate_imatrix(self) -> None:
+        if self.imatrix == "none":
+            return
+        if self.method != "rtn":
+            raise QuantkitError(f"--imatrix weighs round-to-nearest's error; --method {self.method} uses its own "
+                                "calibration statistics, so drop --imatrix or use --method rtn")
+        if self.imatrix != "calib" and not Path(self.imatrix).is_file():
+            raise QuantkitError(f"--imatrix {self.imatrix!r} is neither none, calib nor an existing file; "
+                                "pass a llama.cpp imatrix .gguf/.dat file or calib")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -6,6 +6,7 @@ the shapes), then each tensor is read, quantized and written before the next is 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from collections.abc import Iterator
@@ -21,18 +22,22 @@ from tqdm import tqdm
 from quantkit.errors import QuantkitError
 from quantkit.grids import GGUF_GRIDS, GGUFBlockGrid, Grid
 from quantkit.model import ModelSource
-from quantkit.recipe import Recipe, check_grid_fits
+from quantkit.recipe import Recipe
 from quantkit.targets.base import ExportContext, Target
-from quantkit.targets.gguf_mixes import MIXES, fallback_type
+from quantkit.targets.gguf_mixes import (
+    LAYERS_70B,
+    ModelFacts,
+    TypeChooser,
+    check_overrides_used,
+    override_notes,
+    override_type,
+    parse_override,
+    resolve,
+)
 from quantkit.targets.gguf_vocab import read_vocab
 
 GGMLType = gguf.GGMLQuantizationType
-FLOAT_TYPES = {"F32": GGMLType.F32, "F16": GGMLType.F16, "BF16": GGMLType.BF16}
 FLOAT_BITS = {"F32": 32.0, "F16": 16.0, "BF16": 16.0}
-# llama.cpp's general.file_type ("ftype") for files whose quantized tensors are all of one type.
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12,
-              "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "BF16": 32}  # pure k-quant files are labelled as their _M mix
-SUPPORTED_TYPES = tuple(FILE_TYPES) + tuple(MIXES)
 
 
 @dataclass
@@ -74,40 +79,25 @@ class GGUFTarget(Target):
     kind = "gguf"
 
     def __init__(self, option: str | None):
-        option = (option or "Q8_0").upper()
-        if option not in SUPPORTED_TYPES:
-            raise QuantkitError(f"unknown GGUF type {option!r}; supported: {', '.join(SUPPORTED_TYPES)}")
-        super().__init__(option)
-        self.mix = MIXES.get(option)
-        self.fallbacks: list[str] = []
+        # aliases resolve to llama.cpp's file type (gguf:Q4_K is Q4_K_M, as in llama-quantize)
+        self.file_type = resolve(option or "Q8_0")
+        super().__init__(self.file_type.name)
+        self._notes: list[str] = []
 
     @property
     def type_name(self) -> str:
         return self.option
 
     def grid(self, recipe: Recipe) -> Grid | None:
-        """The grid of the file's type (a mix's base type)."""
-        return GGUF_GRIDS.get(self.mix.base if self.mix else self.type_name)
+        """The grid of the file type's base type (None for float files)."""
+        return GGUF_GRIDS.get(self.file_type.base)
 
     def notes(self) -> list[str]:
-        return list(self.fallbacks)
+        return list(self._notes)
 
     def bits_per_weight(self, recipe: Recipe) -> float:
         grid = self.grid(recipe)
         return grid.bits_per_weight() if grid else FLOAT_BITS[self.type_name]
-
-    def _mix_entry(self, hf: str, name: str, shape: tuple[int, ...], layer: int | None, source: ModelSource,
-                   rope_heads: int | None) -> PlannedTensor:
-        n_head = _hparam(source.config, "num_attention_heads")
-        gqa = n_head // (source.config.get("num_key_value_heads") or n_head)
-        chosen = self.mix.type_for(name, layer, source.n_layers, shape[1], source.tied_embeddings, gqa)
-        fallback = fallback_type(chosen, shape[1])
-        if fallback:
-            self.fallbacks.append(f"{name}: rows of {shape[1]} do not fit {chosen}; written as {fallback}")
-            chosen = fallback
-        if chosen == "F16":
-            return PlannedTensor(name, hf, shape, GGMLType.F16, None, rope_heads)
-        return PlannedTensor(name, hf, shape, GGMLType[chosen], GGUF_GRIDS[chosen], rope_heads)
 
     def filename(self) -> str:
         return f"model-{self.type_name}.gguf"
@@ -120,24 +110,46 @@ class GGUFTarget(Target):
         return {"name": "llama.cpp (llama-cpp-python)", "version": llama_cpp.__version__}
 
     # ---- planning -------------------------------------------------------------------------------
-    def plan(self, source: ModelSource, quantized: set[str]) -> list[PlannedTensor]:
+    def chooser(self, source: ModelSource, recipe: Recipe) -> TypeChooser | None:
+        """llama.cpp's type choice for this file and recipe; None for float files, which take no options."""
+        if not self.file_type.quantized:
+            return None
+        n_head = _hparam(source.config, "num_attention_heads")
+        n_kv = source.config.get("num_key_value_heads") or n_head
+        # llama.cpp's 70B size class: an 80-layer Qwen2, or an 80-layer Llama with grouped KV heads
+        size_70b = source.n_layers == LAYERS_70B and (n_kv != n_head or source.arch.gguf_arch == "qwen2")
+        facts = ModelFacts(source.n_layers, n_head // n_kv, source.tied_embeddings, size_70b,
+                           imatrix=getattr(recipe, "imatrix", "none") not in (None, "none"))
+        embd, out = recipe.token_embedding_type, recipe.output_tensor_type
+        return TypeChooser(self.file_type, facts, recipe.pure, [parse_override(s) for s in recipe.tensor_types],
+                           override_type(embd, "--token-embedding-type") if embd else None,
+                           override_type(out, "--output-tensor-type") if out else None)
+
+    def plan(self, source: ModelSource, recipe: Recipe) -> list[PlannedTensor]:
+        """Every tensor of the file with its GGUF type; overrides and fallbacks become report notes."""
         arch, cfg = source.arch, source.config
         n_head = _hparam(cfg, "num_attention_heads")
         n_kv = cfg.get("num_key_value_heads") or n_head
-        grid = GGUF_GRIDS.get(self.type_name)
-        float_type = FLOAT_TYPES.get(self.type_name, GGMLType.F16)
-
-        self.fallbacks = []
+        chooser = self.chooser(source, recipe)
+        float_type = GGMLType[self.file_type.base] if chooser is None else GGMLType.F16
+        fallbacks: list[str] = []
+        decided: dict[str, list[str]] = {}  # option -> tensors it typed
+        chosen_names: list[str] = []
 
         def entry(hf: str, name: str, rope_heads: int | None = None, layer: int | None = None) -> PlannedTensor:
             shape = source.tensors[hf].shape
             if len(shape) == 1:  # norms and biases stay F32, as llama.cpp expects
                 return PlannedTensor(name, hf, shape, GGMLType.F32, None)
-            if self.mix:  # a mix quantizes every matrix, as llama.cpp's file type does
-                return self._mix_entry(hf, name, shape, layer, source, rope_heads)
-            if grid is not None and hf in quantized:
-                return PlannedTensor(name, hf, shape, GGMLType[grid.name], grid, rope_heads)
-            return PlannedTensor(name, hf, shape, float_type, None, rope_heads)
+            if chooser is None or any(fnmatch.fnmatch(hf, p) for p in recipe.exclude):
+                return PlannedTensor(name, hf, shape, float_type, None, rope_heads)
+            chosen_names.append(name)
+            choice = chooser.choose(name, layer, shape[1])
+            if choice.by:
+                decided.setdefault(choice.by, []).append(name)
+            if choice.fallback_from:
+                fallbacks.append(f"{name}: rows of {shape[1]} do not fit {choice.fallback_from}; "
+                                 f"written as {choice.type}")
+            return PlannedTensor(name, hf, shape, GGMLType[choice.type], GGUF_GRIDS.get(choice.type), rope_heads)
 
         plan = [entry(arch.embedding, "token_embd.weight")]
         for i in range(source.n_layers):
@@ -154,22 +166,38 @@ class GGUFTarget(Target):
         plan.append(entry(arch.final_norm, "output_norm.weight"))
         if not source.tied_embeddings:
             plan.append(entry(arch.lm_head, "output.weight"))
+        if chooser is not None and chosen_names:
+            check_overrides_used(chooser, chosen_names, decided)
+        self._notes = override_notes(decided) + fallbacks
         return plan
 
     def validate(self, ctx: ExportContext) -> None:
-        if self.mix and ctx.recipe.method != "rtn":
-            raise QuantkitError(f"gguf:{self.type_name} mixes several grids per file, which only --method rtn "
-                                "supports so far; use a single type (e.g. gguf:Q4_K) with gptq/awq")
-        grid = GGUF_GRIDS.get(self.type_name)
-        if grid is not None:
-            check_grid_fits(ctx.source, ctx.quantized_names, grid, f"gguf:{self.type_name}")
+        plan = self.plan(ctx.source, ctx.recipe)
+        chooser = self.chooser(ctx.source, ctx.recipe)
+        needing = [t.gguf_name for t in plan if chooser and chooser.needs_imatrix(t.gguf_name, t.ggml_type.name)]
+        if needing and not chooser.facts.imatrix:
+            raise QuantkitError(f"gguf:{self.type_name} needs an importance matrix: llama.cpp builds its Q2_K block "
+                                f"matrices ({needing[0]}, ...) only from one; pass --imatrix or use gguf:Q2_K")
+        if ctx.recipe.method != "rtn":
+            self._check_one_grid(plan, ctx)
         _rope_theta(ctx.source.config)
         read_vocab(ctx.source.path, _tokenizer_config(ctx.source.path))
+
+    def _check_one_grid(self, plan: list[PlannedTensor], ctx: ExportContext) -> None:
+        """Calibrated methods quantize every block linear on one grid (embedding and output are rounded to nearest)."""
+        source, base = ctx.source, self.file_type.base
+        linears = {n for i in range(source.n_layers) for n in source.arch.linear_weights(i)}
+        odd = [t for t in plan if t.hf_name in linears and t.grid is not None and t.grid.name != base]
+        if odd:
+            raise QuantkitError(
+                f"gguf:{self.type_name} types {odd[0].gguf_name} {odd[0].ggml_type.name} beside {base} block "
+                "linears, and several grids in the blocks are something only --method rtn supports so far; use "
+                f"--method rtn, or --pure (every matrix {base}) with --method {ctx.recipe.method}")
 
     # ---- export ---------------------------------------------------------------------------------
     def export(self, ctx: ExportContext, path: Path) -> None:
         source = ctx.source
-        plan = self.plan(source, set(ctx.quantized_names))
+        plan = self.plan(source, ctx.recipe)
         writer = gguf.GGUFWriter(str(path), arch=source.arch.gguf_arch)
         self._write_metadata(writer, source)
         for t in plan:
@@ -191,7 +219,7 @@ class GGUFTarget(Target):
             if t.rope_heads:
                 qw = qw.permute_rows(rope_row_order(t.shape[0], t.rope_heads))
             return t.grid.to_bytes(qw)
-        weight = ctx.load(t.hf_name, GGUF_GRIDS.get(self.type_name))
+        weight = ctx.load(t.hf_name, self.grid(ctx.recipe))
         if t.rope_heads:
             weight = weight[rope_row_order(t.shape[0], t.rope_heads)]
         if t.ggml_type == GGMLType.F32:
@@ -219,18 +247,25 @@ class GGUFTarget(Target):
         w.add_rope_freq_base(_rope_theta(cfg))
         w.add_layer_norm_rms_eps(float(_hparam(cfg, "rms_norm_eps")))
         w.add_vocab_size(_hparam(cfg, "vocab_size"))
-        w.add_file_type(self.mix.file_type if self.mix else FILE_TYPES[self.type_name])
+        w.add_file_type(self.file_type.ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab = read_vocab(source.path, _tokenizer_config(source.path))
         w.add_tokenizer_model(vocab.model)
         w.add_tokenizer_pre(vocab.pre)
         w.add_token_list(vocab.tokens)
         w.add_token_types(vocab.token_types)
-        w.add_token_merges(vocab.merges)
+        if vocab.merges:
+            w.add_token_merges(vocab.merges)
+        if vocab.scores is not None:
+            w.add_token_scores(vocab.scores)
         if vocab.bos_id is not None:
             w.add_bos_token_id(vocab.bos_id)
         if vocab.eos_id is not None:
             w.add_eos_token_id(vocab.eos_id)
+        if vocab.unk_id is not None:
+            w.add_unk_token_id(vocab.unk_id)
+        if vocab.add_space_prefix is not None:
+            w.add_add_space_prefix(vocab.add_space_prefix)
         w.add_add_bos_token(vocab.add_bos)
 
     # ---- runtime --------------------------------------------------------------------------------

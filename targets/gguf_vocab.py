@@ -1,20 +1,31 @@
 """Tokenizer metadata for GGUF, read from a Hugging Face ``tokenizer.json``.
 
 Byte-level BPE tokenizers become ``tokenizer.ggml.model = "gpt2"`` with their merges and the
-llama.cpp pre-tokenizer whose split rule matches theirs. The pre-tokenizer is identified from the
-tokenizer's own definition; one that matches no known rule is an error rather than a file whose
-tokenization silently differs from the original.
+llama.cpp pre-tokenizer whose split rule matches theirs. Sentencepiece-style BPE tokenizers
+(Llama-2, Mistral v0.1: byte fallback, spaces as "▁") become ``tokenizer.ggml.model = "llama"``:
+tokens, scores and token types, where llama.cpp merges the adjacent pair whose result scores
+highest, so each token scores minus the rank of the merge that makes it. The pre-tokenizer is
+identified from the tokenizer's own definition; one that matches no known rule is an error rather
+than a file whose tokenization silently differs from the original.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
 
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
+# llama.cpp's token types (gguf.TokenType)
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+SPM_SPACE = "\u2581"  # "▁": sentencepiece's visible space
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# Llama-2's older tokenizer.json spells the space handling as a normalizer instead of a Metaspace pre-tokenizer
+SPM_NORMALIZER = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPM_SPACE},
+                                                      {"type": "Replace", "pattern": {"String": " "},
+                                                       "content": SPM_SPACE}]}
 
 # Split regexes of byte-level BPE families -> llama.cpp's name for that pre-tokenizer.
 LLAMA3_REGEX = (
@@ -38,6 +49,9 @@ class GGUFVocab:
     bos_id: int | None
     eos_id: int | None
     add_bos: bool
+    scores: list[float] | None = None  # "llama" (sentencepiece-style) vocabularies only
+    unk_id: int | None = None
+    add_space_prefix: bool | None = None  # "llama": prepend "▁" to the text, as the tokenizer does
 
 
 def _byte_level(pre: dict) -> bool:
@@ -68,10 +82,12 @@ def read_vocab(model_dir: Path, tokenizer_config: dict | None = None) -> GGUFVoc
         raise QuantkitError(f"{model_dir} has no tokenizer.json; GGUF export needs the fast tokenizer file")
     spec = json.loads(path.read_text(encoding="utf-8"))
     model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return _sentencepiece_vocab(spec, tokenizer_config or {})
+    if model.get("type") != "BPE":
         raise QuantkitError(
             f"tokenizer type {model.get('type')} (byte_fallback={model.get('byte_fallback')}) is not supported "
-            "for GGUF yet; only byte-level BPE tokenizers are"
+            "for GGUF yet; only BPE tokenizers are (byte-level, or sentencepiece-style with byte fallback)"
         )
     pre = detect_pre_tokenizer(spec.get("pre_tokenizer"))
     vocab: dict[str, int] = dict(model["vocab"])
@@ -100,3 +116,70 @@ def read_vocab(model_dir: Path, tokenizer_config: dict | None = None) -> GGUFVoc
         eos_id=vocab.get(eos) if isinstance(eos, str) else None,
         add_bos=bool(config.get("add_bos_token", False)),
     )
+
+
+def space_prefix(spec: dict) -> bool:
+    """Whether a sentencepiece-style tokenizer.json prepends "▁"; an unknown space rule is an error."""
+    pre, norm = spec.get("pre_tokenizer"), spec.get("normalizer")
+    if norm is None and pre and pre.get("type") == "Metaspace" and pre.get("replacement") == SPM_SPACE \
+            and not pre.get("split", True):
+        # without special tokens in the text, "first" and "always" both prefix once, as llama.cpp does
+        scheme = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
+        return scheme != "never"
+    if pre is None and norm == SPM_NORMALIZER:
+        return True
+    raise QuantkitError(
+        f"cannot identify the tokenizer's pre-tokenizer (normalizer {json.dumps(norm)[:80]}, pre_tokenizer "
+        f"{json.dumps(pre)[:80]}); quantkit will not write a GGUF whose tokenization may differ. Supported for "
+        "byte-fallback BPE: Metaspace with split false, or Llama-2's Prepend/Replace normalizer"
+    )
+
+
+def _merge_scores(merges: list) -> dict[str, float]:
+    """Minus the rank of the first merge that makes each token: llama.cpp then merges in HF's order."""
+    scores: dict[str, float] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        scores.setdefault(left + right, -float(rank))
+    return scores
+
+
+def _sentencepiece_vocab(spec: dict, config: dict) -> GGUFVocab:
+    add_space_prefix = space_prefix(spec)
+    model = spec["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    size = max(list(vocab.values()) + [t["id"] for t in added.values()]) + 1
+    merge_scores = _merge_scores(model.get("merges", []))
+    never = -float(len(merge_scores) + 1)  # multi-character tokens no merge makes: merged last
+    tokens, types, scores = [f"[PAD{i}]" for i in range(size)], [TOKEN_UNUSED] * size, [never] * size
+    for token, idx in vocab.items():
+        tokens[idx] = token
+        types[idx] = TOKEN_BYTE if BYTE_TOKEN.fullmatch(token) else TOKEN_NORMAL
+        scores[idx] = merge_scores.get(token, 0.0 if len(token) == 1 else never)
+    unk = model.get("unk_token") or _token_name(config.get("unk_token"))
+    for content, tok in added.items():
+        # llama.cpp matches user-defined tokens in raw text, where spaces are still spaces
+        tokens[tok["id"]] = content if tok.get("special") else content.replace(SPM_SPACE, " ")
+        types[tok["id"]] = TOKEN_CONTROL if tok.get("special") else TOKEN_USER_DEFINED
+        scores[tok["id"]] = 0.0
+    ids = {token: i for i, token in enumerate(tokens)}
+    if unk in ids:
+        types[ids[unk]] = TOKEN_UNKNOWN
+    bos, eos = _token_name(config.get("bos_token")), _token_name(config.get("eos_token"))
+    return GGUFVocab(model="llama", pre="default", tokens=tokens, token_types=types, merges=[],
+                     bos_id=ids.get(bos), eos_id=ids.get(eos), add_bos=_adds_bos(spec, config, bos),
+                     scores=scores, unk_id=ids.get(unk), add_space_prefix=add_space_prefix)
+
+
+def _token_name(value) -> str | None:
+    """tokenizer_config.json spells a special token as a string or as an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _adds_bos(spec: dict, config: dict, bos: str | None) -> bool:
+    """tokenizer_config's add_bos_token, else whether tokenizer.json's template starts with the BOS token."""
+    if "add_bos_token" in config:
+        return bool(config["add_bos_token"])
+    single = (spec.get("post_processor") or {}).get("single") or [{}]
+    return bos is not None and single[0].get("SpecialToken", {}).get("id") == bos

@@ -86,7 +86,7 @@ def test_group_size_not_dividing_a_row(capsys, out_dir, tiny_llama):
     assert "group size 96 does not divide the row length 128" in err
 
 
-@pytest.mark.parametrize("spec,expected", [("onnx", "unknown target 'onnx'"),
+@pytest.mark.parametrize("spec,expected", [("tflite", "unknown target 'tflite'"),
                                            ("gguf:Q3_X", "unknown GGUF type 'Q3_X'")])
 def test_unknown_target_or_type(capsys, out_dir, tiny_llama, spec, expected):
     assert expected in run_bad(capsys, out_dir, str(tiny_llama), "--targets", spec)

@@ -1,6 +1,8 @@
 """GGUF files in llama.cpp itself (llama-cpp-python): loading, tokenization, logits, and byte
 identity with llama.cpp's own quantizer."""
 
+import ctypes
+import functools
 from pathlib import Path
 
 import gguf
@@ -15,29 +17,58 @@ from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, quantized_tensor_names
 from quantkit.targets import ExportContext, parse_target
 
-LLAMA_FTYPES = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-                "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
-                "Q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1", "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
-                "Q5_K": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-                "Q3_K": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}
+# every quantized file type quantkit offers (Q2_K_S, which needs an importance matrix, has its own test)
+FILE_TYPES = ["Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L",
+              "Q3_K_M", "Q3_K_S", "Q2_K"]
+GGMLType = gguf.GGMLQuantizationType
 
 
-def export(model_dir, gguf_type: str, path: Path, **recipe) -> Path:
+@functools.cache
+def _source(model_dir) -> ModelSource:
+    return ModelSource(model_dir)
+
+
+@functools.cache
+def _rounded(model_dir, name: str, grid):
+    """Round-to-nearest of one tensor on one grid, shared by the many files these tests write (k-quant
+    rounding runs in Python loops)."""
+    return RoundToNearest().quantize_weight(_source(model_dir).load(name), grid)
+
+
+def export(model_dir, gguf_type: str, path: Path, validate: bool = True, **recipe) -> Path:
     src = ModelSource(model_dir)
     r = Recipe(**recipe)
-    method = RoundToNearest()
-    ctx = ExportContext(src, r, quantized_tensor_names(src, r),
-                        quantize=lambda name, grid: method.quantize_weight(src.load(name), grid), progress=False)
+    quantize = functools.partial(_rounded, model_dir)
+    ctx = ExportContext(src, r, quantized_tensor_names(src, r), quantize=quantize, progress=False)
     target = parse_target(f"gguf:{gguf_type}")
-    target.validate(ctx)
+    if validate:
+        target.validate(ctx)
     target.export(ctx, path)
     return path
 
 
-def llama_quantize(src: Path, dst: Path, gguf_type: str, pure: bool) -> Path:
+def llama_quantize(src: Path, dst: Path, gguf_type: str, pure: bool = False, overrides: tuple = (),
+                   token_embd: str | None = None, output: str | None = None, imatrix: dict | None = None) -> Path:
+    """llama.cpp's own quantizer, with the options of llama-quantize (--pure, --tensor-type, ...)."""
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, LLAMA_FTYPES[gguf_type])
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
     params.pure = pure
+    if token_embd:
+        params.token_embedding_type = GGMLType[token_embd].value
+    if output:
+        params.output_tensor_type = GGMLType[output].value
+    if overrides:  # NULL-terminated array of (regex, type)
+        table = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        for row, (pattern, type_name) in zip(table, overrides, strict=False):
+            row.pattern, row.type = pattern.encode(), GGMLType[type_name].value
+        params.tt_overrides = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    if imatrix:  # NULL-terminated array of (tensor name, importance per input column)
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        buffers = [np.ascontiguousarray(v, dtype=np.float32) for v in imatrix.values()]
+        for row, name, buf in zip(entries, imatrix, buffers, strict=False):
+            row.name, row.size = name.encode(), buf.size
+            row.data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) == 0
     return dst
 
@@ -46,31 +77,45 @@ def tensors(path: Path) -> dict:
     return {t.name: t for t in gguf.GGUFReader(path).tensors}
 
 
+def assert_same_tensors(ours: dict, theirs: dict, names=None) -> None:
+    assert ours.keys() == theirs.keys()
+    for name in names or theirs:
+        assert ours[name].tensor_type == theirs[name].tensor_type, (name, ours[name].tensor_type,
+                                                                    theirs[name].tensor_type)
+        assert ours[name].data.tobytes() == theirs[name].data.tobytes(), name
+
+
 @pytest.fixture(scope="module")
 def default_f32(tmp_path_factory) -> Path:
     return export(None, "F32", tmp_path_factory.mktemp("gguf") / "model-F32.gguf")
 
 
-@pytest.mark.parametrize("gguf_type", sorted(LLAMA_FTYPES))
-def test_every_tensor_byte_identical_to_llama_cpp_quantizer(default_f32, tmp_path, gguf_type):
-    """All 2-D tensors (embeddings and lm_head included) quantized: llama.cpp's pure mode does the same."""
-    ours = tensors(export(None, gguf_type, tmp_path / "ours.gguf", quantize_embeddings=True, quantize_lm_head=True))
-    theirs = tensors(llama_quantize(default_f32, tmp_path / "theirs.gguf", gguf_type, pure=True))
-    assert ours.keys() == theirs.keys()
-    for name, t in theirs.items():
-        assert ours[name].tensor_type == t.tensor_type, name
-        assert ours[name].data.tobytes() == t.data.tobytes(), name
+@pytest.mark.parametrize("pure", [False, True], ids=["rules", "pure"])
+@pytest.mark.parametrize("gguf_type", FILE_TYPES)
+def test_every_file_type_byte_identical_to_llama_cpp_quantizer(default_f32, tmp_path, gguf_type, pure):
+    """Every tensor (embedding and output included) gets llama.cpp's type for the file type, with its bytes;
+    --pure equals llama_model_quantize with params.pure."""
+    ours = tensors(export(None, gguf_type, tmp_path / "ours.gguf", pure=pure))
+    theirs = tensors(llama_quantize(default_f32, tmp_path / "theirs.gguf", gguf_type, pure=pure))
+    assert_same_tensors(ours, theirs)
+    base = parse_target(f"gguf:{gguf_type}").file_type.base
+    types = {t.tensor_type.name for t in ours.values()}
+    assert {base, "F32"} <= types and (types == {base, "F32"} or not pure)
+    if not pure and gguf_type != "Q8_0":  # llama.cpp's file types keep the output projection in Q6_K
+        assert ours["output.weight"].tensor_type == GGMLType.Q6_K
 
 
-def test_default_recipe_matches_llama_cpp_on_block_linears(default_f32, tmp_path):
-    """With default settings (embeddings / lm_head not quantized) every quantized tensor still matches."""
-    ours = tensors(export(None, "Q4_0", tmp_path / "ours.gguf"))
-    theirs = tensors(llama_quantize(default_f32, tmp_path / "theirs.gguf", "Q4_0", pure=False))
-    quantized = [n for n, t in ours.items() if t.tensor_type == gguf.GGMLQuantizationType.Q4_0]
-    assert len(quantized) == 4 * 7
-    for name in quantized:
-        assert ours[name].data.tobytes() == theirs[name].data.tobytes(), name
-    assert ours["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+def test_file_types_follow_llama_cpp_names(default_f32, tmp_path):
+    """gguf:Q4_0 is llama.cpp's Q4_0 (output Q6_K); gguf:Q4_K is an alias of Q4_K_M, as in llama-quantize."""
+    from quantkit.targets.gguf import GGUFTarget
+
+    q4_0 = tensors(export(None, "Q4_0", tmp_path / "q4_0.gguf"))
+    assert q4_0["token_embd.weight"].tensor_type == GGMLType.Q4_0
+    assert q4_0["output.weight"].tensor_type == GGMLType.Q6_K
+    alias = GGUFTarget("q4_k")
+    assert alias.name == "gguf:Q4_K_M" and alias.filename() == "model-Q4_K_M.gguf"
+    file_type = gguf.GGUFReader(tmp_path / "q4_0.gguf").fields["general.file_type"].contents()
+    assert file_type == llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
 
 
 def test_llama_cpp_tokenizes_eval_text_like_hf(default_f32):
@@ -142,8 +187,8 @@ def test_unknown_pre_tokenizer_is_refused(tiny_llama, tmp_path):
     assert not (tmp_path / "m.gguf").exists()
 
 
-@pytest.mark.parametrize("gguf_type", ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1",
-                                       "Q4_0", "Q3_K", "Q2_K"])
+@pytest.mark.parametrize("gguf_type", ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q5_0", "Q4_K_M", "Q4_1",
+                                       "Q4_0", "Q3_K_M", "Q2_K"])
 def test_every_type_loads_and_tracks_f32_in_llama_cpp(default_f32, tmp_path, gguf_type):
     path = export(None, gguf_type, tmp_path / f"{gguf_type}.gguf")
     ids = torch.randint(1, 4096, (1, 128), generator=torch.Generator().manual_seed(2))
@@ -152,27 +197,27 @@ def test_every_type_loads_and_tracks_f32_in_llama_cpp(default_f32, tmp_path, ggu
     agreement = (ref.argmax(-1) == got.argmax(-1)).mean()
     # 16-bit files hold the bf16 weights exactly (F16: within its range); llama.cpp rounds activations
     # to 16 bits for those matmuls, so they agree almost always; 4-5 bit types agree less often.
-    floor = 0.98 if gguf_type in ("F16", "BF16", "Q8_0") else 0.5 if gguf_type in ("Q3_K", "Q2_K") else 0.7
+    floor = 0.98 if gguf_type in ("F16", "BF16", "Q8_0") else 0.5 if gguf_type in ("Q3_K_M", "Q2_K") else 0.7
     assert agreement > floor, agreement
 
 
-@pytest.mark.parametrize("mix", ["Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M"])
-def test_mixes_equal_llama_cpp_file_types(default_f32, tmp_path, mix):
-    """Every tensor gets the type llama.cpp's mix gives it, with identical bytes."""
-    ours = tensors(export(None, mix, tmp_path / "ours.gguf"))
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
-    assert llama_cpp.llama_model_quantize(str(default_f32).encode(), str(tmp_path / "theirs.gguf").encode(),
-                                          params) == 0
-    theirs = tensors(tmp_path / "theirs.gguf")
-    assert ours.keys() == theirs.keys()
-    for name, t in theirs.items():
-        assert ours[name].tensor_type == t.tensor_type, (name, ours[name].tensor_type, t.tensor_type)
-        assert ours[name].data.tobytes() == t.data.tobytes(), name
-    assert {t.tensor_type.name for t in ours.values()} >= {mix[:4], "F32"}
-    from quantkit.targets.gguf_mixes import MIXES
+def test_file_type_numbers_are_llama_cpps():
+    from quantkit.targets.gguf_mixes import FILE_TYPES as OURS
 
-    assert MIXES[mix].file_type == params.ftype
+    for name, file_type in OURS.items():
+        constant = "LLAMA_FTYPE_ALL_F32" if name == "F32" else f"LLAMA_FTYPE_MOSTLY_{name}"
+        assert file_type.ftype == getattr(llama_cpp, constant), name
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "qwen2"])
+@pytest.mark.parametrize("gguf_type", ["Q4_0", "Q4_K_M", "Q2_K"])
+def test_tied_and_narrow_models_match_llama_cpp(tiny_models, tmp_path, name, gguf_type):
+    """128-wide rows fall back (Q4_K -> Q5_0, Q6_K -> Q8_0) and a tied embedding follows the output rule."""
+    f32 = export(tiny_models[name], "F32", tmp_path / "f32.gguf")
+    ours = tensors(export(tiny_models[name], gguf_type, tmp_path / "ours.gguf"))
+    assert_same_tensors(ours, tensors(llama_quantize(f32, tmp_path / "theirs.gguf", gguf_type)))
+    if name == "llama-tied":
+        assert ours["token_embd.weight"].tensor_type == GGMLType.Q8_0
 
 
 def test_mix_falls_back_for_rows_that_do_not_fit(tiny_models, tmp_path):
@@ -181,6 +226,187 @@ def test_mix_falls_back_for_rows_that_do_not_fit(tiny_models, tmp_path):
 
     target = GGUFTarget("Q4_K_M")
     src = ModelSource(tiny_models["llama"])
-    plan = {t.gguf_name: t.ggml_type.name for t in target.plan(src, set())}
+    plan = {t.gguf_name: t.ggml_type.name for t in target.plan(src, Recipe())}
     assert plan["blk.0.attn_q.weight"] == "Q5_0" and plan["output.weight"] == "Q8_0"
     assert any("blk.0.attn_q.weight: rows of 128 do not fit Q4_K; written as Q5_0" in n for n in target.notes())
+
+
+OVERRIDES = ((r"attn_v", "Q8_0"), (r"blk\.0\..*", "Q6_K"), (r"ffn_(up|gate)", "Q5_0"))
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["rules", "pure"])
+def test_tensor_type_overrides_byte_identical_to_llama_quantize(default_f32, tmp_path, pure):
+    """--tensor-type (first regex match wins), --token-embedding-type and --output-tensor-type as in llama.cpp."""
+    specs = [f"{p}={t.lower()}" for p, t in OVERRIDES]
+    ours = tensors(export(None, "Q4_K_M", tmp_path / "ours.gguf", pure=pure, tensor_types=specs,
+                          token_embedding_type="Q8_0", output_tensor_type="q5_k"))
+    theirs = tensors(llama_quantize(default_f32, tmp_path / "theirs.gguf", "Q4_K_M", pure=pure, overrides=OVERRIDES,
+                                    token_embd="Q8_0", output="Q5_K"))
+    assert_same_tensors(ours, theirs)
+    got = {n: t.tensor_type.name for n, t in ours.items()}
+    assert got["blk.0.attn_v.weight"] == got["blk.3.attn_v.weight"] == "Q8_0"  # first match wins over blk.0
+    assert got["blk.0.attn_q.weight"] == "Q6_K" and got["blk.2.ffn_up.weight"] == "Q5_0"
+    assert got["token_embd.weight"] == "Q8_0" and got["output.weight"] == "Q5_K"
+    assert got["blk.1.ffn_down.weight"] == "Q4_K" if pure else "Q6_K"  # Q4_K_M's rule unless --pure
+
+
+def test_overrides_are_reported(tmp_path):
+    from quantkit.targets.gguf import GGUFTarget
+
+    target = GGUFTarget("Q4_0")
+    target.plan(ModelSource(), Recipe(tensor_types=["attn_v=Q8_0"], output_tensor_type="F16"))
+    assert target.notes() == [
+        "--tensor-type attn_v=Q8_0: 4 tensors (blk.0.attn_v.weight, blk.1.attn_v.weight, blk.2.attn_v.weight "
+        "and 1 more)",
+        "--output-tensor-type: 1 tensor (output.weight)"]
+
+
+@pytest.mark.parametrize("recipe,message", [
+    (dict(tensor_types=["atn_v=Q8_0"]), "--tensor-type atn_v=Q8_0 matches no quantizable tensor"),
+    (dict(tensor_types=["attn=Q8_0", "attn_v=Q6_K"]), "--tensor-type attn_v=Q6_K decides no tensor"),
+    (dict(tensor_types=["attn_norm=Q8_0"]), "matches no quantizable tensor"),  # norms stay F32, as in llama.cpp
+    (dict(method="gptq", tensor_types=["attn_v=Q8_0"]), "only --method rtn supports so far"),
+])
+def test_override_that_cannot_apply_is_refused_before_work(recipe, message):
+    from quantkit.errors import QuantkitError
+
+    src, r = ModelSource(), Recipe(**recipe)
+    ctx = ExportContext(src, r, quantized_tensor_names(src, r), quantize=lambda n, g: None, progress=False)
+    with pytest.raises(QuantkitError, match=message.replace(".", r"\.")):
+        parse_target("gguf:Q4_0").validate(ctx)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tensor-type", "attn_v=Q9_9"], "--tensor-type 'attn_v=Q9_9': unknown tensor type 'Q9_9'; use one of"),
+    (["--tensor-type", "attn_v"], "is not PATTERN=TYPE"),
+    (["--tensor-type", "(=Q8_0"], "is not a valid regular expression"),
+    (["--output-tensor-type", "IQ2_XS"], "--output-tensor-type: unknown tensor type 'IQ2_XS'"),
+])
+def test_bad_override_options_exit_2(capsys, tmp_path, argv, message):
+    from quantkit.cli import main
+
+    assert main(["ship", "--out", str(tmp_path / "o"), "--quiet", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_q2_k_s_types_and_bytes_equal_llama_cpp(default_f32, tmp_path):
+    """llama.cpp builds Q2_K_S only with an importance matrix; its types (and the bytes of every tensor that
+    does not use one) equal ours. Without an importance matrix quantkit refuses it up front."""
+    from quantkit.errors import QuantkitError
+
+    with pytest.raises(QuantkitError, match="gguf:Q2_K_S needs an importance matrix"):
+        export(None, "Q2_K_S", tmp_path / "refused.gguf")
+    ours = tensors(export(None, "Q2_K_S", tmp_path / "ours.gguf", validate=False))
+    needs = {n: np.ones(t.shape[0]) for n, t in ours.items()
+             if t.tensor_type == GGMLType.Q2_K and n.startswith("blk.")}
+    theirs = tensors(llama_quantize(default_f32, tmp_path / "theirs.gguf", "Q2_K_S", imatrix=needs))
+    assert {n: t.tensor_type for n, t in ours.items()} == {n: t.tensor_type for n, t in theirs.items()}
+    assert_same_tensors(ours, theirs, [n for n in ours if n not in needs])
+    # 2 KV heads for 4 query heads and 4 layers: no GQA or first-eighth rule applies, every block matrix is Q2_K
+    assert len(needs) == 4 * 7 and ours["token_embd.weight"].tensor_type == GGMLType.Q2_K
+
+
+def test_rules_for_grouped_kv_heads_and_70b_size_match_llama_cpp(tmp_path):
+    """80 layers with 8 query heads per KV head: llama.cpp's 70B class (attn_v lifted to Q5_K), its GQA >= 4
+    rules and its layer fractions of 80 layers. Types only (the tensors are many)."""
+    from transformers import LlamaConfig
+
+    from quantkit.targets.gguf import GGUFTarget
+    from tests.conftest import TINY, save_tiny
+
+    config = LlamaConfig(**{**TINY, "hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 80,
+                            "num_attention_heads": 8, "num_key_value_heads": 1})
+    model = save_tiny(tmp_path / "deep", config)
+    f32 = export(model, "F32", tmp_path / "f32.gguf")
+    src = ModelSource(model)
+    for gguf_type in ("Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M"):
+        plan = {t.gguf_name: t.ggml_type for t in GGUFTarget(gguf_type).plan(src, Recipe())}
+        imatrix = {n: np.ones(256) for n, t in plan.items() if t == GGMLType.Q2_K and n.startswith("blk.")}
+        theirs = tensors(llama_quantize(f32, tmp_path / f"{gguf_type}.gguf", gguf_type, imatrix=imatrix))
+        assert plan == {n: t.tensor_type for n, t in theirs.items()}, gguf_type
+        (tmp_path / f"{gguf_type}.gguf").unlink()
+        # attn_v: Q2_K's GQA >= 4 rule gives Q4_K, Q3_K_S's base is Q3_K; the 70B class lifts both to Q5_K
+        if gguf_type in ("Q2_K", "Q2_K_S", "Q3_K_S"):
+            assert plan["blk.40.attn_v.weight"] == GGMLType.Q5_K
+
+
+SPM_BPE = Path(__file__).parent / "data" / "spm_bpe"  # made by tests/data/make_spm_bpe.py
+# Llama-2's older tokenizer.json spells the space handling as a normalizer; the newer one as Metaspace
+LEGACY_SPACES = {"normalizer": {"type": "Sequence", "normalizers": [
+    {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+    "pre_tokenizer": None}
+
+
+@pytest.fixture
+def spm_llama(tmp_path) -> Path:
+    """A tiny random Llama with a Llama-2-style tokenizer: sentencepiece BPE, byte fallback, "▁" spaces."""
+    import shutil
+
+    from transformers import LlamaConfig
+
+    from tests.conftest import TINY, save_tiny
+
+    config = LlamaConfig(**{**TINY, "vocab_size": 1000, "bos_token_id": 1, "eos_token_id": 2})
+    path = save_tiny(tmp_path / "spm-llama", config)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        shutil.copy(SPM_BPE / name, path / name)
+    return path
+
+
+@pytest.mark.parametrize("spaces", ["metaspace", "normalizer"])
+def test_sentencepiece_bpe_tokenizer_tokenizes_like_hf_in_llama_cpp(spm_llama, tmp_path, spaces):
+    import json
+
+    from quantkit.targets import gguf_vocab
+    from quantkit.targets.gguf import GGUFTarget
+
+    if spaces == "normalizer":
+        spec = json.loads((spm_llama / "tokenizer.json").read_text())
+        (spm_llama / "tokenizer.json").write_text(json.dumps({**spec, **LEGACY_SPACES}))
+    vocab = gguf_vocab.read_vocab(spm_llama, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    assert (vocab.model, vocab.pre, vocab.add_space_prefix, vocab.add_bos) == ("llama", "default", True, True)
+    assert (vocab.bos_id, vocab.eos_id, vocab.unk_id) == (1, 2, 0)
+    assert vocab.token_types[vocab.tokens.index("<0x0A>")] == gguf_vocab.TOKEN_BYTE
+    assert vocab.token_types[:3] == [gguf_vocab.TOKEN_UNKNOWN, gguf_vocab.TOKEN_CONTROL, gguf_vocab.TOKEN_CONTROL]
+    path = export(spm_llama, "Q8_0", tmp_path / "m.gguf")
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.model"].contents() == "llama"
+    docs, size = [], 0
+    for doc in load_documents("builtin", "eval"):  # a few kB of Python source: indentation, digits, symbols
+        docs.append(doc[:2000])
+        size += len(docs[-1])
+        if size > 8000:
+            break
+    docs += ["tabs\tand\n\n\nthree newlines,  two spaces", "naïve café ünïcode 東京 😀 — “quotes”",
+             "digits 1234567890 and 3.14159", "x"]
+    check = GGUFTarget("F32").verify_tokenizer(path, ModelSource(spm_llama).tokenizer(), docs)
+    assert check["tokens"] > 2000 and check["mismatched_texts"] == 0, check
+
+
+def test_sentencepiece_bpe_tokenizer_tokenizes_like_sentencepiece_in_llama_cpp(spm_llama, tmp_path):
+    """Also for a text that starts with a space, where transformers' Llama tokenizer (Metaspace, prepend_scheme
+    "first") adds no "▁" but sentencepiece, which trained the vocabulary, does, and llama.cpp follows it."""
+    from quantkit.targets.gguf import load_llama
+
+    spm = pytest.importorskip("sentencepiece")  # not a quantkit dependency
+    processor = spm.SentencePieceProcessor(model_file=str(spm_llama / "tokenizer.model"))
+    llm = load_llama(export(spm_llama, "F32", tmp_path / "m.gguf"), 64)
+    texts = [doc[:3000] for doc in load_documents("builtin", "eval")[:3]]
+    try:
+        for text in texts + ["  two leading spaces", " ", "\tindented", "naïve 東京 😀"]:
+            assert list(llm.tokenize(text.encode(), add_bos=False, special=False)) == processor.encode(text), text
+    finally:
+        llm.close()
+
+
+def test_sentencepiece_tokenizer_with_unknown_space_rule_is_refused(spm_llama, tmp_path):
+    import json
+
+    from quantkit.errors import QuantkitError
+
+    spec = json.loads((spm_llama / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["split"] = True  # HF would split words apart; llama.cpp's "llama" tokenizer does not
+    (spm_llama / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(QuantkitError, match="cannot identify the tokenizer's pre-tokenizer"):
+        export(spm_llama, "F32", tmp_path / "m.gguf")

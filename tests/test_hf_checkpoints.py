@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import quantkit
+from quantkit.data import make_samples
+from quantkit.model import ModelSource
 from quantkit.targets.hf_checkpoint import hf_logits
 from tests.helpers import decoded_reference
 
@@ -29,7 +31,8 @@ def test_runtime_logits_match_our_decoded_weights(shipped):
     name, result = shipped
     art = result.artifacts[0]
     folder = result.out_dir / art.path
-    ids = torch.randint(1, 4096, (2, 128), generator=torch.Generator().manual_seed(0))
+    # real text: on random ids the logits are flat and near-ties flip top-1 under fp16 rounding alone
+    ids = make_samples(ModelSource().tokenizer(), "builtin", "eval", 2, 128).ids
     with torch.no_grad():
         ours = decoded_reference(folder, art.target)(input_ids=ids).logits
     theirs = torch.stack([torch.from_numpy(x) for x in hf_logits(folder, ids, progress=False)])

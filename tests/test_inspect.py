@@ -13,9 +13,10 @@ def test_inspect_reports_types_and_bits(tmp_path, capsys):
     assert info["metadata"]["general.architecture"] == "llama"
     assert info["metadata"]["llama.attention.head_count_kv"] == 2
     assert info["metadata"]["tokenizer.ggml.pre"] == "gpt-2"
-    assert info["by_type"]["Q4_0"]["tensors"] == 28
+    # llama.cpp's Q4_0 file type: every matrix Q4_0 (token embedding included) but the output, in Q6_K
+    assert info["by_type"]["Q4_0"]["tensors"] == 29
     assert info["by_type"]["Q4_0"]["bits_per_weight"] == 4.5
-    assert set(info["by_type"]) == {"F32", "F16", "Q4_0"}
+    assert set(info["by_type"]) == {"F32", "Q4_0", "Q6_K"}
     assert info["tensor_count"] == 39
 
     assert main(["inspect", str(path), "--tensors"]) == 0

@@ -69,10 +69,19 @@ class Grid(ABC):
     # Whether one column can be rounded on a group's fitted parameters alone (GPTQ needs that);
     # k-quants decide codes and two levels of scales for a whole super-block at once.
     column_encodable: bool = True
+    # Whether ``fit`` weighs errors by a per-column importance (llama.cpp's imatrix), so that
+    # collecting one is worth a calibration pass.
+    uses_importance: bool = False
 
     @abstractmethod
-    def fit(self, w: torch.Tensor) -> QuantParams:
-        """Parameters for each group of ``w`` (shape ``(..., group)``)."""
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
+        """Parameters for each group of ``w`` (shape ``(..., group)``).
+
+        ``importance``: how much each input column's error counts (llama.cpp's importance matrix: the
+        mean squared activation of that column), shaped like ``w``'s trailing ``(n_groups, group)``,
+        with ``w`` holding whole rows ``(rows, n_groups, group)``. Grids with an importance-weighted
+        search (GGUF's) use it; the others ignore it.
+        """
 
     @abstractmethod
     def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:

@@ -4,6 +4,11 @@ Each grid rounds exactly as ggml's reference quantizer does (fp32 arithmetic, th
 scale for rounding, the fp16 scale stored), so round-to-nearest on these grids reproduces
 llama.cpp's files byte for byte. Blocks are 32 consecutive weights of a row.
 
+With an importance matrix (per input column) Q4_0/Q5_0/Q4_1/Q5_1 follow ggml's weighted path
+instead (``quantize_row_*_impl``): each block's scale (and min) is searched to minimise the error
+weighted by ``imatrix * sqrt(sigma2 + w^2)``, sigma2 being the whole row's mean square; the codes
+come out of that search. Q8_0 ignores the importance matrix, as ggml does.
+
 Block layouts (little endian):
   Q8_0: d:f16, qs:int8[32]
   Q4_0: d:f16, qs:u8[16]                nibble j = code[j], high nibble = code[j + 16]
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 
 from quantkit.grids.base import Grid, QuantizedWeight, QuantParams
+from quantkit.grids.ggml_search import imatrix_weights, make_qkx2_quants, make_qx_quants, sequential_sum
 
 BLOCK = 32
 
@@ -93,7 +99,7 @@ class Q8_0(GGUFBlockGrid):
     bits: int = 8
     block_bytes: int = 34
 
-    def fit(self, w: torch.Tensor) -> QuantParams:
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
         d = w.abs().amax(dim=-1, keepdim=True) / 127
         return QuantParams(scale=_fp16_round(d), zero=torch.zeros_like(d), inv_scale=_safe_reciprocal(d))
 
@@ -106,6 +112,14 @@ class Q8_0(GGUFBlockGrid):
         return assemble_blocks([_f16(qw.params.scale), codes.numpy().astype(np.int8)], codes.shape[0])
 
 
+def row_weights(w: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """ggml's error weights for the legacy types under an imatrix, for ``w`` shaped ``(rows, blocks, 32)``:
+    ``importance * sqrt(sigma2 + w^2)`` with sigma2 the mean square of the whole row (summed in order)."""
+    flat = w.reshape(*w.shape[:-2], -1)
+    sigma2 = sequential_sum(flat * flat) / torch.tensor(float(flat.shape[-1]))  # a true division, as C's
+    return imatrix_weights(w, importance.float().reshape(w.shape[-2:]), sigma2[..., None, None])
+
+
 def _inv(params: QuantParams) -> torch.Tensor:
     return params.inv_scale if params.inv_scale is not None else _safe_reciprocal(params.scale)
 
@@ -114,12 +128,20 @@ def _inv(params: QuantParams) -> torch.Tensor:
 class _SymmetricBlock(GGUFBlockGrid):
     """Q4_0 / Q5_0: d = signed absmax / -2^(b-1), code = min(2^b - 1, trunc(w / d + 2^(b-1) + 0.5))."""
 
-    def fit(self, w: torch.Tensor) -> QuantParams:
+    uses_importance: bool = True
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
         half = 2 ** (self.bits - 1)
+        if importance is not None:
+            d, codes = make_qx_quants(w.float(), half, row_weights(w.float(), importance))
+            d = d[..., None]
+            return QuantParams(scale=_fp16_round(d), zero=torch.full_like(d, half), aux=(codes,))
         d = _signed_absmax(w) / -half
         return QuantParams(scale=_fp16_round(d), zero=torch.full_like(d, half), inv_scale=_safe_reciprocal(d))
 
     def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        if params.aux:  # fitted with an importance matrix: the search chose the codes
+            return params.aux[-1].to(torch.int32)
         offset = 2 ** (self.bits - 1) + 0.5
         x = w * _inv(params) + offset
         return torch.trunc(x).clamp(0, 2**self.bits - 1).to(torch.int32)
@@ -129,13 +151,21 @@ class _SymmetricBlock(GGUFBlockGrid):
 class _MinBlock(GGUFBlockGrid):
     """Q4_1 / Q5_1: d = (max - min) / (2^b - 1), m = min, code = min(2^b - 1, trunc((w - m) / d + 0.5))."""
 
-    def fit(self, w: torch.Tensor) -> QuantParams:
+    uses_importance: bool = True
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
+        if importance is not None:
+            x = w.float()
+            d, the_min, codes = make_qkx2_quants(x, row_weights(x, importance), 2**self.bits - 1, -0.9, 0.05, 36)
+            return QuantParams(scale=_fp16_round(d[..., None]), minimum=_fp16_round(-the_min[..., None]), aux=(codes,))
         lo = w.amin(dim=-1, keepdim=True)
         d = (w.amax(dim=-1, keepdim=True) - lo) / (2**self.bits - 1)
         return QuantParams(scale=_fp16_round(d), minimum=_fp16_round(lo), inv_scale=_safe_reciprocal(d),
                            zero=lo)  # zero carries the fp32 minimum the codes are rounded against
 
     def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        if params.aux:  # fitted with an importance matrix: the search chose the codes
+            return params.aux[-1].to(torch.int32)
         x = (w - params.zero) * _inv(params) + 0.5
         return torch.trunc(x).clamp(0, 2**self.bits - 1).to(torch.int32)
 

@@ -48,7 +48,7 @@ class IntGrid(Grid):
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
-    def fit(self, w: torch.Tensor) -> QuantParams:
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
         if self.symmetric:
             scale = self._storable(w.abs().amax(dim=-1, keepdim=True) / (self.qmax + 0.5))
             return QuantParams(scale=scale)
