@@ -81,6 +81,9 @@ def _add_ship(sub) -> None:
                    help="gptq: quantize columns by decreasing activation energy (desc_act)")
     q.add_argument("--static-groups", action="store_true",
                    help="gptq: fit group scales on the original weights before the sweep")
+    q.add_argument("--weighted-fit", action=argparse.BooleanOptionalAction, default=True,
+                   help="gptq on GGUF grids: fit block scales with ggml's importance-weighted search, weighted by "
+                   "the Hessian diagonal (the imatrix's quantity) (default: on)")
     q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where gptq/awq run their layer-by-layer pass (default: auto = cuda if present)")
     q.add_argument("--quantize-embeddings", action="store_true",
@@ -171,7 +174,7 @@ def _run_ship(args) -> int:
     recipe = Recipe(
         method=args.method, bits=args.bits, group_size=args.group_size, scheme=args.scheme,
         damp_percent=args.damp_percent, act_order=args.act_order, static_groups=args.static_groups,
-        device=args.device, runtime=args.runtime,
+        weighted_fit=args.weighted_fit, device=args.device, runtime=args.runtime,
         quantize_embeddings=args.quantize_embeddings, quantize_lm_head=args.quantize_lm_head,
         exclude=args.exclude, pure=args.pure, tensor_types=args.tensor_types,
         token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,

@@ -36,7 +36,7 @@ from quantkit.manifest import artifact_digest, environment, write_manifest
 from quantkit.methods import METHODS, Method, RoundToNearest
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, check_grid_fits, quantized_tensor_names
-from quantkit.sequential import SequentialResult, quantize_sequential
+from quantkit.sequential import GridPlan, SequentialResult, quantize_sequential
 from quantkit.streaming import BlockStreamer, streamed_logits
 from quantkit.targets import ExportContext, Target, parse_target
 
@@ -133,8 +133,9 @@ class WeightQuantizer:
     """Hands targets the recipe's quantized weights: ``quantizer(name, grid)``.
 
     Statistics for non-sequential methods are collected once per run and shared by every grid;
-    sequential methods (GPTQ) quantize the whole model layer by layer once per grid, and targets
-    sharing a grid share the result. Embedding and lm_head have no per-layer statistics under a
+    sequential methods (GPTQ) quantize the whole model layer by layer once per grid (or per
+    ``GridPlan``, when a file type puts some block linears on other grids), and targets sharing a
+    grid or plan share the result. Embedding and lm_head have no per-layer statistics under a
     sequential method and are rounded to nearest.
     """
 
@@ -145,11 +146,13 @@ class WeightQuantizer:
         self.device = device or torch.device("cpu")
         self.block_names = [n for i in range(source.n_layers) for n in source.arch.linear_weights(i) if n in names]
         self._stats: dict[str, LinearStats] | None = None
-        self._by_grid: dict[Grid, SequentialResult] = {}
+        self._by_grid: dict[Grid | GridPlan, SequentialResult] = {}
         self.imatrix_option, self.imatrix = imatrix, imatrix_file  # "calib": collected on first use
         self._gguf_names = gguf_weight_names(source.arch, source.n_layers)
 
-    def __call__(self, name: str, grid: Grid) -> QuantizedWeight:
+    def __call__(self, name: str, grid: Grid, plan: GridPlan | None = None) -> QuantizedWeight:
+        """``name`` quantized on ``grid``; ``plan``: the grids of every block linear of the artifact
+        (methods with ``per_linear_grids`` quantize them all in one pass)."""
         if self.imatrix_option != "none" and grid.uses_importance:  # the recipe allows it with rtn only
             weight = self.source.load(name)
             importance = importance_for(self.importance_matrix(), self._gguf_names.get(name, name), weight.shape[1],
@@ -158,9 +161,12 @@ class WeightQuantizer:
         if self.method.sequential:
             if name not in self.block_names:
                 return RoundToNearest().quantize_weight(self.source.load(name), grid)
-            return self._sequential(grid).quantized[name]
+            return self._sequential(self._pass_key(grid, plan)).quantized[name]
         stats = self._statistics().get(name) if self.method.needs_statistics else None
         return self.method.quantize_weight(self.source.load(name), grid, stats)
+
+    def planned(self, name: str, grid: Grid, plan: GridPlan) -> QuantizedWeight:
+        return self(name, grid, plan)
 
     def load(self, name: str, grid: Grid | None) -> torch.Tensor:
         """A float tensor as the artifact for ``grid`` must hold it (AWQ rescales norms per grid)."""
@@ -170,7 +176,13 @@ class WeightQuantizer:
                 return replaced.float()
         return self.source.load(name)
 
-    def _sequential(self, grid: Grid) -> SequentialResult:
+    def _pass_key(self, grid: Grid, plan: GridPlan | None) -> Grid | GridPlan:
+        """What a layer-by-layer pass is cached under: the plan when it mixes grids, else the grid."""
+        if plan is None or not plan.overrides or not self.method.per_linear_grids:
+            return grid
+        return plan
+
+    def _sequential(self, grid: Grid | GridPlan) -> SequentialResult:
         if grid not in self._by_grid:
             self.log(f"{self.method.name} on {grid.name}: layer by layer over {self.calib.n_tokens} tokens "
                      f"({self.device.type})")

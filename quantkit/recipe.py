@@ -23,6 +23,8 @@ class Recipe:
     damp_percent: float = 0.01  # GPTQ: Hessian damping, fraction of its mean diagonal
     act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
     static_groups: bool = False  # GPTQ: fit group parameters before the sweep
+    # GPTQ on GGUF grids: fit block scales weighting each column's error by the Hessian diagonal
+    weighted_fit: bool = True
     runtime: str = "transformers"  # what loads hf-gptq / hf-awq for checking: transformers or quantkit
     device: str = "auto"  # where GPTQ/AWQ run their layer-by-layer pass: auto (cuda if present), cpu, cuda
     quantize_embeddings: bool = False

@@ -23,6 +23,24 @@ from quantkit.grids import Grid, QuantizedWeight
 BlockInputs = list[tuple[tuple, dict]]  # the (args, kwargs) of one block call per calibration row
 
 
+@dataclass(frozen=True)
+class GridPlan:
+    """Which grid each block linear is quantized on: ``default`` unless ``overrides`` (full weight name
+    -> grid) names another, as llama.cpp's file types put some attn_v / ffn_down in more bits.
+    Hashable, so every target with the same plan shares one layer-by-layer pass."""
+
+    default: Grid
+    overrides: tuple[tuple[str, Grid], ...] = ()
+
+    @property
+    def name(self) -> str:
+        others = sorted({g.name for _, g in self.overrides} - {self.default.name})
+        return "+".join([self.default.name, *others])
+
+    def grid_for(self, name: str) -> Grid:
+        return dict(self.overrides).get(name, self.default)
+
+
 class StopForward(Exception):
     """Raised by the capture hook once the first block's inputs are recorded."""
 
@@ -36,7 +54,11 @@ class BlockJob:
     arch: Architecture
     members: list[str]  # block-relative names of the linears to quantize, in execution order
     inputs: BlockInputs
-    grid: Grid
+    grid: Grid  # the block's grid; a linear of ``grids`` is quantized on its own
+    grids: dict[str, Grid] = field(default_factory=dict)  # block-relative linear name -> grid
+
+    def grid_of(self, name: str) -> Grid:
+        return self.grids.get(name, self.grid)
 
     @torch.no_grad()
     def run(self) -> list[torch.Tensor]:
@@ -112,7 +134,7 @@ def quantize_linear_by_linear(job: BlockJob, quantize: QuantizeFn) -> dict[str, 
         stats = shared_input_statistics(job.block, members, job.inputs)
         for name in members:
             module = job.block.get_submodule(name)
-            qw = quantize(module.weight.detach().float(), job.grid, stats)
+            qw = quantize(module.weight.detach().float(), job.grid_of(name), stats)
             module.weight.copy_(qw.dequantize().to(module.weight.dtype))
             results[name] = qw
     return results
@@ -123,9 +145,10 @@ BlockFn = Callable[[BlockJob], SequentialResult]
 
 @torch.no_grad()
 def quantize_sequential(model: nn.Module, arch: Architecture, calib_ids: torch.Tensor, names: Iterable[str],
-                        grid: Grid, quantize_block: BlockFn, progress: bool = False,
+                        grid: Grid | GridPlan, quantize_block: BlockFn, progress: bool = False,
                         label: str = "quantize", streamer=None) -> SequentialResult:
-    """Quantize the block linears listed in ``names`` on ``grid``; ``model`` is modified in place.
+    """Quantize the block linears listed in ``names`` on ``grid`` (or each on its grid of a
+    ``GridPlan``); ``model`` is modified in place.
 
     ``quantize_block`` gets each block with the inputs it receives from the already-quantized blocks
     before it, must leave the block holding its dequantized weights, and returns block-relative names.
@@ -133,15 +156,18 @@ def quantize_sequential(model: nn.Module, arch: Architecture, calib_ids: torch.T
     before its turn and dropped after it, so one block is in memory at a time.
     """
     wanted = set(names)
+    plan = grid if isinstance(grid, GridPlan) else GridPlan(grid)
     blocks = model.get_submodule(arch.blocks_module)
     inputs = capture_block_inputs(model, blocks[0], calib_ids)
     result = SequentialResult()
-    for index in tqdm(range(len(blocks)), desc=f"{label} {grid.name}", unit="block", disable=not progress,
+    for index in tqdm(range(len(blocks)), desc=f"{label} {plan.name}", unit="block", disable=not progress,
                       leave=False):
         block = streamer.load_block(index) if streamer else blocks[index]
         prefix = arch.block(index)
         members = [n for n in arch.linears if f"{prefix}{n}.weight" in wanted]
-        job = BlockJob(block, prefix, arch, members, inputs, grid)
+        grids = {n: plan.grid_for(f"{prefix}{n}.weight") for n in members}
+        job = BlockJob(block, prefix, arch, members, inputs, plan.default,
+                       {n: g for n, g in grids.items() if g != plan.default})
         block_result = quantize_block(job)
         result.quantized.update({f"{prefix}{n}.weight": qw for n, qw in block_result.quantized.items()})
         result.replaced.update({f"{prefix}{n}": t for n, t in block_result.replaced.items()})

@@ -13,6 +13,7 @@ import torch
 from quantkit.grids import Grid, QuantizedWeight
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe
+from quantkit.sequential import GridPlan
 
 
 @dataclass
@@ -28,6 +29,12 @@ class ExportContext:
         """A float tensor of the artifact for ``grid``: the source's, or the method's rescaled one."""
         loader = getattr(self.quantize, "load", None)
         return loader(name, grid) if loader else self.source.load(name)
+
+    def quantize_planned(self, name: str, grid: Grid, plan: GridPlan | None) -> QuantizedWeight:
+        """``quantize(name, grid)``, telling quantizers that take one (the pipeline's) the artifact's
+        grid for every block linear, so a per-linear method quantizes a mixed file in one pass."""
+        planned = getattr(self.quantize, "planned", None)
+        return planned(name, grid, plan) if planned and plan else self.quantize(name, grid)
 
 
 class Target(ABC):

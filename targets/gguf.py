@@ -21,8 +21,10 @@ from tqdm import tqdm
 
 from quantkit.errors import QuantkitError
 from quantkit.grids import GGUF_GRIDS, GGUFBlockGrid, Grid
+from quantkit.methods import METHODS
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe
+from quantkit.sequential import GridPlan
 from quantkit.targets.base import ExportContext, Target
 from quantkit.targets.gguf_mixes import (
     LAYERS_70B,
@@ -178,21 +180,32 @@ class GGUFTarget(Target):
         if needing and not chooser.facts.imatrix:
             raise QuantkitError(f"gguf:{self.type_name} needs an importance matrix: llama.cpp builds its Q2_K block "
                                 f"matrices ({needing[0]}, ...) only from one; pass --imatrix or use gguf:Q2_K")
-        if ctx.recipe.method != "rtn":
+        if not METHODS[ctx.recipe.method].per_linear_grids:
             self._check_one_grid(plan, ctx)
         _rope_theta(ctx.source.config)
         read_vocab(ctx.source.path, _tokenizer_config(ctx.source.path))
 
     def _check_one_grid(self, plan: list[PlannedTensor], ctx: ExportContext) -> None:
-        """Calibrated methods quantize every block linear on one grid (embedding and output are rounded to nearest)."""
-        source, base = ctx.source, self.file_type.base
-        linears = {n for i in range(source.n_layers) for n in source.arch.linear_weights(i)}
-        odd = [t for t in plan if t.hf_name in linears and t.grid is not None and t.grid.name != base]
+        """Block-wise methods (AWQ) quantize every block linear on one grid (embedding and output are rounded
+        to nearest)."""
+        base = self.file_type.base
+        odd = [t for t in self._block_linears(plan, ctx.source) if t.grid.name != base]
         if odd:
             raise QuantkitError(
                 f"gguf:{self.type_name} types {odd[0].gguf_name} {odd[0].ggml_type.name} beside {base} block "
-                "linears, and several grids in the blocks are something only --method rtn supports so far; use "
-                f"--method rtn, or --pure (every matrix {base}) with --method {ctx.recipe.method}")
+                f"linears, and --method {ctx.recipe.method} needs one grid in the blocks; use --method rtn or gptq, "
+                f"or --pure (every matrix {base}) with --method {ctx.recipe.method}")
+
+    @staticmethod
+    def _block_linears(plan: list[PlannedTensor], source: ModelSource) -> list[PlannedTensor]:
+        linears = {n for i in range(source.n_layers) for n in source.arch.linear_weights(i)}
+        return [t for t in plan if t.hf_name in linears and t.grid is not None]
+
+    def _grid_plan(self, plan: list[PlannedTensor], ctx: ExportContext) -> GridPlan | None:
+        """The grid of every quantized block linear, when the file type gives them more than one."""
+        base = self.grid(ctx.recipe)
+        others = tuple((t.hf_name, t.grid) for t in self._block_linears(plan, ctx.source) if t.grid != base)
+        return GridPlan(base, others) if base is not None and others else None
 
     # ---- export ---------------------------------------------------------------------------------
     def export(self, ctx: ExportContext, path: Path) -> None:
@@ -209,13 +222,14 @@ class GGUFTarget(Target):
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        grids = self._grid_plan(plan, ctx)
         for t in tqdm(plan, desc=f"write {path.name}", unit="tensor", disable=not ctx.progress, leave=False):
-            writer.write_tensor_data(self._tensor_bytes(ctx, t))
+            writer.write_tensor_data(self._tensor_bytes(ctx, t, grids))
         writer.close()
 
-    def _tensor_bytes(self, ctx: ExportContext, t: PlannedTensor) -> np.ndarray:
+    def _tensor_bytes(self, ctx: ExportContext, t: PlannedTensor, grids: GridPlan | None) -> np.ndarray:
         if t.grid is not None:
-            qw = ctx.quantize(t.hf_name, t.grid)
+            qw = ctx.quantize_planned(t.hf_name, t.grid, grids)
             if t.rope_heads:
                 qw = qw.permute_rows(rope_row_order(t.shape[0], t.rope_heads))
             return t.grid.to_bytes(qw)

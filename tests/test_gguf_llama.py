@@ -265,7 +265,7 @@ def test_overrides_are_reported(tmp_path):
     (dict(tensor_types=["atn_v=Q8_0"]), "--tensor-type atn_v=Q8_0 matches no quantizable tensor"),
     (dict(tensor_types=["attn=Q8_0", "attn_v=Q6_K"]), "--tensor-type attn_v=Q6_K decides no tensor"),
     (dict(tensor_types=["attn_norm=Q8_0"]), "matches no quantizable tensor"),  # norms stay F32, as in llama.cpp
-    (dict(method="gptq", tensor_types=["attn_v=Q8_0"]), "only --method rtn supports so far"),
+    (dict(method="awq", tensor_types=["attn_v=Q8_0"]), "--method awq needs one grid in the blocks"),
 ])
 def test_override_that_cannot_apply_is_refused_before_work(recipe, message):
     from quantkit.errors import QuantkitError

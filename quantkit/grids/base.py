@@ -66,8 +66,9 @@ class Grid(ABC):
     group_size: int
     # Formats whose blocks are consecutive weights (GGUF) cannot store act-order's column groups.
     contiguous_groups_only: bool = False
-    # Whether one column can be rounded on a group's fitted parameters alone (GPTQ needs that);
-    # k-quants decide codes and two levels of scales for a whole super-block at once.
+    # Whether ``encode`` rounds any weights on a group's fitted parameters (AWQ's clip search needs
+    # that); k-quants answer with the codes their fit chose, and round a column only on
+    # ``column_params`` (what GPTQ uses).
     column_encodable: bool = True
     # Whether ``fit`` weighs errors by a per-column importance (llama.cpp's imatrix), so that
     # collecting one is worth a calibration pass.
@@ -93,6 +94,19 @@ class Grid(ABC):
             return q * params.scale + params.minimum
         zero = params.zero if params.zero is not None else 0.0
         return (q - zero) * params.scale
+
+    def column_params(self, params: QuantParams, offset: int) -> QuantParams:
+        """The parameters that round and decode column ``offset`` of one group on their own (GPTQ).
+
+        ``params`` are one group's (each ``(rows, ...)``). Plain grids use the same ones for every
+        column; k-quants pick the column's sub-block scale and drop the codes their fit chose.
+        """
+        return params
+
+    def with_codes(self, params: QuantParams, codes: torch.Tensor) -> QuantParams:
+        """``params`` carrying ``codes`` ``(rows, n_groups, group)`` instead of any codes the fit chose,
+        so that ``encode(w, params)`` keeps answering with the codes actually stored."""
+        return params
 
     def group_for(self, row_length: int) -> int:
         """The number of weights per group for rows of ``row_length`` (per-tensor counts as rows)."""

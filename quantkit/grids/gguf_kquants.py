@@ -38,23 +38,46 @@ SUPER_BLOCK = 256
 
 @dataclass(frozen=True)
 class _KQuant(GGUFBlockGrid):
-    """A 256-weight super-block type: ggml picks codes and two levels of scales together in ``fit``
-    (the codes ride in the last ``aux`` tensor), so ``encode`` returns them and GPTQ cannot round
-    column by column."""
+    """A 256-weight super-block type. ggml picks codes and two levels of scales together in ``fit``
+    (the codes ride in the last ``aux`` tensor) and ``encode`` returns those codes, which keeps
+    round-to-nearest byte-identical to llama.cpp. GPTQ instead rounds one column at a time on the
+    fitted sub-block scale and minimum (``column_params``), which decode exactly as ggml's."""
 
     group_size: int = SUPER_BLOCK
-    column_encodable: bool = False
+    column_encodable: bool = False  # encode answers with the fit's codes, whatever weights it is given
     uses_importance: bool = True
     sub_blocks: int = 16
+    code_range: tuple[int, int] = (0, 3)  # codes as decode reads them (symmetric types are centred on 0)
 
     def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
-        return params.aux[-1].to(torch.int32)
+        if params.aux:  # a whole super-block's fit: ggml's codes
+            return params.aux[-1].to(torch.int32)
+        scale = params.scale[..., None]  # (..., n_scales, 1) over (..., n_scales, weights per scale)
+        x = _per_scale(w, params.scale.shape[-1])
+        if params.minimum is not None:
+            x = x - params.minimum[..., None]
+        q = torch.round(x / torch.where(scale == 0, 1.0, scale)).clamp(*self.code_range)
+        return torch.where(scale == 0, 0.0, q).reshape(w.shape).to(torch.int32)  # a zero scale decodes any code alike
 
     def decode(self, codes: torch.Tensor, params: QuantParams) -> torch.Tensor:
-        out = codes.float().reshape(*codes.shape[:-1], self.sub_blocks, -1) * params.scale[..., None]
+        out = _per_scale(codes.float(), params.scale.shape[-1]) * params.scale[..., None]
         if params.minimum is not None:
             out = out + params.minimum[..., None]
         return out.reshape(codes.shape)
+
+    def column_params(self, params: QuantParams, offset: int) -> QuantParams:
+        s = offset // (self.group_size // self.sub_blocks)
+        minimum = None if params.minimum is None else params.minimum[..., s : s + 1]
+        return QuantParams(scale=params.scale[..., s : s + 1], minimum=minimum)
+
+    def with_codes(self, params: QuantParams, codes: torch.Tensor) -> QuantParams:
+        return QuantParams(params.scale, params.zero, params.minimum, params.inv_scale,
+                           aux=(*params.aux[:-1], codes.to(params.aux[-1].dtype)))
+
+
+def _per_scale(x: torch.Tensor, n_scales: int) -> torch.Tensor:
+    """``x`` (..., n) split into (..., n_scales, n / n_scales): the weights each scale covers."""
+    return x.reshape(*x.shape[:-1], n_scales, -1)
 
 
 def _sub_blocks(importance: torch.Tensor, size: int) -> torch.Tensor:
@@ -76,6 +99,7 @@ def _imatrix_setup(sub: torch.Tensor, importance: torch.Tensor, sigma_factor: in
 @dataclass(frozen=True)
 class Q6_K(_KQuant):
     name: str = "Q6_K"
+    code_range: tuple[int, int] = (-32, 31)
     bits: int = 6
     block_bytes: int = 210
 
@@ -174,6 +198,7 @@ class Q4_K(_Q45K):
     high nibble: weight l + 32)."""
 
     name: str = "Q4_K"
+    code_range: tuple[int, int] = (0, 15)
     bits: int = 4
     block_bytes: int = 144
     search: tuple[float, float, int] = (-1.0, 0.1, 20)
@@ -192,6 +217,7 @@ class Q5_K(_Q45K):
     l / l + 32 of 64-chunk c), qs[128] as Q4_K."""
 
     name: str = "Q5_K"
+    code_range: tuple[int, int] = (0, 31)
     bits: int = 5
     block_bytes: int = 176
     search: tuple[float, float, int] = (-0.5, 0.1, 15)
@@ -214,6 +240,7 @@ class Q2_K(_KQuant):
     per byte: weights l, l+32, l+64, l+96 of a 128-chunk), d f16, dmin f16."""
 
     name: str = "Q2_K"
+    code_range: tuple[int, int] = (0, 3)
     bits: int = 2
     block_bytes: int = 84
 
@@ -274,6 +301,7 @@ class Q3_K(_KQuant):
     bits as Q2_K, scales[12] (sixteen 6-bit scales: low nibbles in bytes 0-7, high pairs in 8-11), d f16."""
 
     name: str = "Q3_K"
+    code_range: tuple[int, int] = (-4, 3)
     bits: int = 3
     block_bytes: int = 110
 

@@ -69,6 +69,15 @@ class GGUFBlockGrid(Grid):
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         """Rows of raw ggml blocks, shape ``(rows, row_bytes)`` uint8."""
 
+    def column_params(self, params: QuantParams, offset: int) -> QuantParams:
+        # a weighted fit's codes (aux) were searched for the original weights; GPTQ rounds its own
+        return QuantParams(params.scale, params.zero, params.minimum, params.inv_scale)
+
+    def with_codes(self, params: QuantParams, codes: torch.Tensor) -> QuantParams:
+        if not params.aux:
+            return params
+        return QuantParams(params.scale, params.zero, params.minimum, params.inv_scale, aux=(codes,))
+
 
 def _halves(codes: torch.Tensor) -> np.ndarray:
     """Pack 32 codes into 16 bytes: low nibble code[j], high nibble code[j + 16]."""
@@ -157,7 +166,8 @@ class _MinBlock(GGUFBlockGrid):
         if importance is not None:
             x = w.float()
             d, the_min, codes = make_qkx2_quants(x, row_weights(x, importance), 2**self.bits - 1, -0.9, 0.05, 36)
-            return QuantParams(scale=_fp16_round(d[..., None]), minimum=_fp16_round(-the_min[..., None]), aux=(codes,))
+            minimum = _fp16_round(-the_min[..., None])  # zero: what GPTQ rounds against once the codes are dropped
+            return QuantParams(scale=_fp16_round(d[..., None]), minimum=minimum, zero=minimum, aux=(codes,))
         lo = w.amin(dim=-1, keepdim=True)
         d = (w.amax(dim=-1, keepdim=True) - lo) / (2**self.bits - 1)
         return QuantParams(scale=_fp16_round(d), minimum=_fp16_round(lo), inv_scale=_safe_reciprocal(d),

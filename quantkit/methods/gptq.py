@@ -2,8 +2,11 @@
 not yet quantized, weighted by the inverse Hessian of the layer's inputs (Frantar et al., 2022).
 
 Works on any grid: the grid fits a group's parameters when the sweep reaches the group's first
-column (on weights already corrected for earlier errors) and rounds each column on them. With
-``static_groups`` the parameters are fitted on the original weights before the sweep.
+column (on weights already corrected for earlier errors) and rounds each column on them (a k-quant
+column on its sub-block's scale and minimum). With ``static_groups`` the parameters are fitted on
+the original weights before the sweep. With ``weighted_fit`` grids that have an importance-weighted
+search (GGUF's) fit on the Hessian diagonal, the mean squared input of each column: the quantity
+llama.cpp's importance matrix holds.
 ``act_order`` sweeps columns by decreasing Hessian diagonal; on grids whose groups must be
 consecutive columns (GGUF blocks) it implies static groups, elsewhere groups follow the sweep order
 and are recorded in ``g_idx``.
@@ -30,6 +33,8 @@ class GPTQConfig:
     block_size: int = 128  # columns updated eagerly before a lazy batch update of the rest
     act_order: bool = False
     static_groups: bool = False
+    # fit group parameters weighting each column's error by the Hessian diagonal (GGUF grids' weighted search)
+    weighted_fit: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.damp_percent < 1:
@@ -83,13 +88,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, confi
     static = config.static_groups or grid.group_size == PER_TENSOR
     if config.act_order and grid.contiguous_groups_only:
         static = True
-    static_params = _static_params(w, grid) if static else None
+    weighted = config.weighted_fit and grid.uses_importance
+    importance = torch.diagonal(h).clone() if weighted else None
+    static_params = _static_params(w, grid, importance) if static else None
 
     if config.act_order:
         order = torch.argsort(torch.diagonal(h), descending=True)
     else:
         order = torch.arange(cols, device=w.device)
     w, h = w[:, order], h[order][:, order]
+    if importance is not None:
+        importance = importance[order]
     u, _ = inverse_hessian_factor(h, config.damp_percent)
 
     codes = torch.zeros(rows, cols, dtype=torch.int32, device=w.device)
@@ -103,37 +112,54 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, confi
         u_block = u[start:end, start:end]
         for i in range(end - start):
             col = start + i
-            g = col // group if sweep_groups or not static else int(order[col]) // group
+            source_col = col if sweep_groups or not static else int(order[col])
+            g, offset = divmod(source_col, group)
             if static:
                 params = static_params[g]
             else:
                 if col % group == 0:
                     source = w_block[:, i : i + group] if group <= block else w[:, col : col + group]
-                    fitted[g] = _without_inverse(grid.fit(source))
+                    fitted[g] = _fit_group(grid, source, None if importance is None else importance[col : col + group])
                 params = fitted[g]
+            column_params = grid.column_params(params, offset)
             column = w_block[:, i : i + 1]
-            q = grid.encode(column, params)
+            q = grid.encode(column, column_params)
             codes[:, col] = q[:, 0]
-            err = (column - grid.decode(q, params)) / u_block[i, i]
+            err = (column - grid.decode(q, column_params)) / u_block[i, i]
             w_block[:, i:] -= err * u_block[i : i + 1, i:]
             err_block[:, i : i + 1] = err
         w[:, end:] -= err_block @ u[start:end, end:]
 
     inverse = torch.argsort(order)
-    params = static_params if static else fitted
-    stacked = QuantParams.stack(params, dim=1)
-    g_idx = (torch.arange(cols, device=w.device) // group)[inverse] if sweep_groups else None
-    return QuantizedWeight(codes=codes[:, inverse], params=stacked, grid=grid, g_idx=g_idx)
+    stacked = QuantParams.stack(static_params if static else fitted, dim=1)
+    codes = codes[:, inverse]
+    if sweep_groups:
+        g_idx = (torch.arange(cols, device=w.device) // group)[inverse]
+        return QuantizedWeight(codes=codes, params=stacked, grid=grid, g_idx=g_idx)
+    stacked = grid.with_codes(stacked, codes.reshape(stacked.scale.shape[0], n_groups, -1))
+    return QuantizedWeight(codes=codes, params=stacked, grid=grid)
 
 
 def _without_inverse(params: QuantParams) -> QuantParams:
     """Round on the stored (e.g. fp16) scale: GPTQ's error feedback must see the decoded value."""
-    return QuantParams(params.scale, params.zero, params.minimum, None)
+    return QuantParams(params.scale, params.zero, params.minimum, None, aux=params.aux)
 
 
-def _static_params(w: torch.Tensor, grid: Grid) -> list[QuantParams]:
-    """Parameters of each consecutive group, fitted on the original weights; each ``(rows, 1)``."""
-    fitted = _without_inverse(grid.fit(grouped(w, grid)))  # (rows | 1, n_groups, 1)
+def _fit_group(grid: Grid, source: torch.Tensor, importance: torch.Tensor | None) -> QuantParams:
+    """One group's parameters (each ``(rows, ...)``) from its current weights ``(rows, group)``."""
+    if importance is None:
+        return _without_inverse(grid.fit(source))
+    # grids read importance as (n_groups, group) beside weights (rows, n_groups, group)
+    return _without_inverse(grid.fit(source[:, None, :], importance[None, :])).map(lambda t: t[:, 0])
+
+
+def _static_params(w: torch.Tensor, grid: Grid, importance: torch.Tensor | None) -> list[QuantParams]:
+    """Parameters of each consecutive group, fitted on the original weights; each ``(rows, ...)``."""
+    groups = grouped(w, grid)
+    if importance is None:
+        fitted = _without_inverse(grid.fit(groups))  # (rows | 1, n_groups, ...)
+    else:
+        fitted = _without_inverse(grid.fit(groups, importance.reshape(groups.shape[-2:])))
     n_groups = fitted.scale.shape[1]
     return [fitted.map(lambda t, g=g: t[:, g]) for g in range(n_groups)]
 
@@ -142,6 +168,7 @@ class GPTQ(Method):
     name = "gptq"
     needs_statistics = True
     sequential = True
+    per_linear_grids = True
 
     def __init__(self, config: GPTQConfig | None = None):
         self.config = config or GPTQConfig()
@@ -149,17 +176,9 @@ class GPTQ(Method):
     @classmethod
     def from_recipe(cls, recipe) -> GPTQ:
         return cls(GPTQConfig(damp_percent=recipe.damp_percent, act_order=recipe.act_order,
-                              static_groups=recipe.static_groups))
-
-    def unsupported(self, grid: Grid) -> str | None:
-        if not grid.column_encodable:
-            return f"GPTQ rounds one column at a time, which {grid.name}'s super-block scales do not allow yet"
-        return None
+                              static_groups=recipe.static_groups, weighted_fit=recipe.weighted_fit))
 
     def quantize_weight(self, weight: torch.Tensor, grid: Grid, stats: object | None = None) -> QuantizedWeight:
-        reason = self.unsupported(grid)
-        if reason:
-            raise QuantkitError(reason)
         if not isinstance(stats, LinearStats):
             raise QuantkitError("GPTQ needs calibration statistics for every quantized linear")
         reason = grid.check_shape("weight", tuple(weight.shape))
