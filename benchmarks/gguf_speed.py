@@ -70,7 +70,7 @@ def main() -> None:
         p, i = r["plain"], r["imatrix"]
         lines.append(f"| {r['type']} | {p['quantkit_s']:.2f} | {p['ggml_s']:.3f} | {p['quantkit_7b_min']:.1f} | "
                      f"{p['ggml_7b_min']:.2f} | {i.get('quantkit_s', '-')} | {i.get('ggml_s', '-')} |")
-    command = "python benchmarks/gguf_speed.py"
+    command = ("python benchmarks/gguf_speed.py " + " ".join(sys.argv[1:])).strip()
     header = (f"# GGUF quantizer speed, {args.rows} x {args.cols} float32 matrix\n\nCommand: `{command}` (quantkit "
               f"{quantkit.__version__}, torch {torch.__version__} with {torch.get_num_threads()} threads, ggml "
               f"single-threaded, Python {platform.python_version()}, {platform.machine()}).\n\n")
