@@ -188,8 +188,10 @@ class _Q45K(_KQuant):
         return [d.numpy().astype("<f2").view(np.uint8), dmin.numpy().astype("<f2").view(np.uint8), scales]
 
     @staticmethod
-    def _assemble(parts: list[np.ndarray], rows: int, blocks: int) -> np.ndarray:
-        return assemble_blocks(parts, rows)
+    def _low_nibbles(q: np.ndarray) -> np.ndarray:
+        """qs[128] of (rows, blocks, 4, 2, 32) codes: low nibble weight l of a 64-chunk, high nibble l + 32."""
+        low = q & 0xF
+        return (low[:, :, :, 0] | (low[:, :, :, 1] << 4)).reshape(*q.shape[:2], 128)
 
 
 @dataclass(frozen=True)
@@ -206,9 +208,7 @@ class Q4_K(_Q45K):
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes().numpy().astype(np.uint8)
         rows, blocks = codes.shape[:2]
-        q = codes.reshape(rows, blocks, 4, 2, 32)
-        qs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(rows, blocks, 128)
-        return assemble_blocks([*self._header(qw), qs], rows)
+        return assemble_blocks([*self._header(qw), self._low_nibbles(codes.reshape(rows, blocks, 4, 2, 32))], rows)
 
 
 @dataclass(frozen=True)
@@ -226,8 +226,7 @@ class Q5_K(_Q45K):
         codes = qw.grouped_codes().numpy().astype(np.uint8)
         rows, blocks = codes.shape[:2]
         q = codes.reshape(rows, blocks, 4, 2, 32)
-        low = q & 0xF
-        qs = (low[:, :, :, 0] | (low[:, :, :, 1] << 4)).reshape(rows, blocks, 128)
+        qs = self._low_nibbles(q)
         high = (q >> 4) & 1  # (rows, blocks, chunk, half, 32)
         shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)  # bit 2c + half
         qh = np.bitwise_or.reduce(high << shifts[None, None, :, :, None], axis=(2, 3)).astype(np.uint8)
