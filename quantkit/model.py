@@ -56,7 +56,16 @@ def read_safetensors_header(path: Path) -> dict:
         raise QuantkitError(
             f"{path} is truncated: its header needs {8 + header_len + data_len} bytes, the file has {size}; {fix}"
         )
+    for info in header.values():
+        info["file_offset"] = 8 + header_len + info["data_offsets"][0]
     return header
+
+
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+# Row chunks read for streaming quantization: at most this many bytes of float32 rows at a time.
+ROW_CHUNK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class TensorInfo:
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # where the tensor's data starts in ``file``
 
     @property
     def numel(self) -> int:
@@ -72,6 +82,12 @@ class TensorInfo:
         for d in self.shape:
             n *= d
         return n
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise QuantkitError(f"tensor {name} holds {bad} NaN/Inf values; the checkpoint is broken, fix or retrain it")
 
 
 class ModelSource:
@@ -134,7 +150,7 @@ class ModelSource:
         tensors = {}
         for file in self._weight_files():
             for name, info in read_safetensors_header(file).items():
-                tensors[name] = TensorInfo(name, file, info["dtype"], tuple(info["shape"]))
+                tensors[name] = TensorInfo(name, file, info["dtype"], tuple(info["shape"]), info["file_offset"])
         if self.arch.embedding not in tensors:
             raise QuantkitError(f"{self.path} lacks {self.arch.embedding}; the checkpoint is incomplete")
         return tensors
@@ -172,12 +188,38 @@ class ModelSource:
             raise QuantkitError(f"cannot read {name} from {info.file} ({exc}); re-save the checkpoint") from None
         if tensor.is_floating_point():
             tensor = tensor.float()
-            if not torch.isfinite(tensor).all():
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise QuantkitError(
-                    f"tensor {name} holds {bad} NaN/Inf values; the checkpoint is broken, fix or retrain it"
-                )
+            _check_finite(name, tensor)
         return tensor
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a floating-point matrix as float32, read with plain file reads (no
+        memory map, so a streamed pass over a large checkpoint never holds more than the rows it asked for)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise QuantkitError(f"tensor {name} is missing from {self.path}; the checkpoint is incomplete")
+        dtype = TORCH_DTYPES.get(info.dtype)
+        if dtype is None or not dtype.is_floating_point or len(info.shape) != 2:
+            raise QuantkitError(f"tensor {name} ({info.dtype}, shape {info.shape}) is not a float matrix")
+        row_bytes = info.shape[1] * SAFETENSORS_DTYPE_BYTES[info.dtype]
+        buffer = bytearray((stop - start) * row_bytes)
+        try:
+            with info.file.open("rb") as f:
+                f.seek(info.offset + start * row_bytes)
+                if f.readinto(buffer) != len(buffer):
+                    raise OSError("short read")
+        except OSError as exc:
+            raise QuantkitError(f"cannot read {name} from {info.file} ({exc}); re-save the checkpoint") from None
+        rows = torch.frombuffer(buffer, dtype=dtype).reshape(stop - start, info.shape[1]).float()
+        _check_finite(name, rows)
+        return rows
+
+    def row_chunks(self, name: str, multiple: int = 1, max_bytes: int = ROW_CHUNK_BYTES):
+        """``(start, rows)`` of a float matrix in chunks of at most ``max_bytes`` of float32 (a whole number
+        of ``multiple`` rows, e.g. one attention head, per chunk), read one chunk at a time."""
+        n_rows, n_cols = self.tensors[name].shape
+        step = max(multiple, (max_bytes // (4 * n_cols)) // multiple * multiple)
+        for start in range(0, n_rows, step):
+            yield start, self.load_rows(name, start, min(start + step, n_rows))
 
     def check_finite(self) -> None:
         """Read every tensor once so a NaN/Inf fails before any output is produced."""

@@ -39,6 +39,7 @@ from quantkit.recipe import Recipe, check_grid_fits, quantized_tensor_names
 from quantkit.sequential import GridPlan, SequentialResult, quantize_sequential
 from quantkit.streaming import BlockStreamer, streamed_logits
 from quantkit.targets import ExportContext, Target, parse_target
+from quantkit.targets.base import Quantizer, Rounding
 
 REJECTED_DIR = "rejected"
 TOKENIZER_CHECK_CHARS = 200_000
@@ -129,20 +130,21 @@ def _reference_logprobs(source: ModelSource, samples: TokenSamples, log: _Log, p
     return acc.logprobs, acc.result()
 
 
-class WeightQuantizer:
-    """Hands targets the recipe's quantized weights: ``quantizer(name, grid)``.
+class WeightQuantizer(Quantizer):
+    """Hands targets the recipe's quantized weights.
 
-    Statistics for non-sequential methods are collected once per run and shared by every grid;
-    sequential methods (GPTQ) quantize the whole model layer by layer once per grid (or per
+    Sequential methods (GPTQ, AWQ) quantize the whole model layer by layer once per grid (or per
     ``GridPlan``, when a file type puts some block linears on other grids), and targets sharing a
     grid or plan share the result. Embedding and lm_head have no per-layer statistics under a
-    sequential method and are rounded to nearest.
+    sequential method and are rounded to nearest, as is everything under ``rtn`` (with the run's
+    importance matrix, if any), which targets may do row chunk by row chunk (``rounding``).
     """
 
     def __init__(self, source: ModelSource, method: Method, calib: TokenSamples | None, names: list[str],
                  log: _Log, progress: bool, device: torch.device | None = None, imatrix: str = "none",
                  imatrix_file: ImportanceMatrix | None = None):
-        self.source, self.method, self.calib, self.log, self.progress = source, method, calib, log, progress
+        super().__init__(source)
+        self.method, self.calib, self.log, self.progress = method, calib, log, progress
         self.device = device or torch.device("cpu")
         self.block_names = [n for i in range(source.n_layers) for n in source.arch.linear_weights(i) if n in names]
         self._stats: dict[str, LinearStats] | None = None
@@ -150,31 +152,28 @@ class WeightQuantizer:
         self.imatrix_option, self.imatrix = imatrix, imatrix_file  # "calib": collected on first use
         self._gguf_names = gguf_weight_names(source.arch, source.n_layers)
 
-    def __call__(self, name: str, grid: Grid, plan: GridPlan | None = None) -> QuantizedWeight:
-        """``name`` quantized on ``grid``; ``plan``: the grids of every block linear of the artifact
-        (methods with ``per_linear_grids`` quantize them all in one pass)."""
+    def rounding(self, name: str, grid: Grid) -> Rounding | None:
         if self.imatrix_option != "none" and grid.uses_importance:  # the recipe allows it with rtn only
-            weight = self.source.load(name)
-            importance = importance_for(self.importance_matrix(), self._gguf_names.get(name, name), weight.shape[1],
-                                        self.imatrix_option)
-            return RoundToNearest().quantize_weight(weight, grid, importance=importance)
+            return Rounding(importance_for(self.importance_matrix(), self._gguf_names.get(name, name),
+                                           self.source.tensors[name].shape[1], self.imatrix_option))
         if self.method.sequential:
-            if name not in self.block_names:
-                return RoundToNearest().quantize_weight(self.source.load(name), grid)
+            return None if name in self.block_names else Rounding()
+        return None if self.method.needs_statistics else Rounding()
+
+    def quantize(self, name: str, grid: Grid, plan: GridPlan | None = None) -> QuantizedWeight:
+        rounding = self.rounding(name, grid)
+        if rounding is not None:
+            return RoundToNearest().quantize_weight(self.source.load(name), grid, importance=rounding.importance)
+        if self.method.sequential:
             return self._sequential(self._pass_key(grid, plan)).quantized[name]
-        stats = self._statistics().get(name) if self.method.needs_statistics else None
-        return self.method.quantize_weight(self.source.load(name), grid, stats)
+        return self.method.quantize_weight(self.source.load(name), grid, self._statistics().get(name))
 
-    def planned(self, name: str, grid: Grid, plan: GridPlan) -> QuantizedWeight:
-        return self(name, grid, plan)
-
-    def load(self, name: str, grid: Grid | None) -> torch.Tensor:
-        """A float tensor as the artifact for ``grid`` must hold it (AWQ rescales norms per grid)."""
-        if grid is not None and self.method.sequential:
-            replaced = self._sequential(grid).replaced.get(name)
-            if replaced is not None:
-                return replaced.float()
-        return self.source.load(name)
+    def replaced(self, name: str, grid: Grid | None, plan: GridPlan | None = None) -> torch.Tensor | None:
+        """AWQ's rescaled norms from the pass for ``grid`` (or ``plan``)."""
+        if grid is None or not self.method.sequential or not self.block_names:
+            return None
+        replaced = self._sequential(self._pass_key(grid, plan)).replaced.get(name)
+        return None if replaced is None else replaced.float()
 
     def _pass_key(self, grid: Grid, plan: GridPlan | None) -> Grid | GridPlan:
         """What a layer-by-layer pass is cached under: the plan when it mixes grids, else the grid."""
@@ -253,7 +252,7 @@ def ship(
     source = ModelSource(model)
     quantized = quantized_tensor_names(source, recipe)
     check_grid_fits(source, quantized, recipe.int_grid(), f"--group-size {recipe.group_size}")
-    ctx = ExportContext(source, recipe, quantized, quantize=lambda n, g: None, progress=progress)
+    ctx = ExportContext(source, recipe, quantized, progress=progress)
     method = METHODS[recipe.method].from_recipe(recipe)
     for target in parsed:
         target.validate(ctx)
@@ -286,7 +285,7 @@ def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Targ
                        "tokens": calib.n_tokens, "ids_sha256": calib.sha256}
     quantizer = WeightQuantizer(source, method, calib, ctx.quantized_names, log, progress, recipe.torch_device(),
                                 recipe.imatrix, imatrix_file)
-    ctx.quantize = quantizer
+    ctx.quantizer = quantizer
     reference, ref_metrics = _reference_logprobs(source, samples, log, progress)
     log(f"reference perplexity {ref_metrics.perplexity:.3f}")
 

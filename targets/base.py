@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +11,48 @@ import numpy as np
 import torch
 
 from quantkit.grids import Grid, QuantizedWeight
+from quantkit.methods.rtn import RoundToNearest
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe
 from quantkit.sequential import GridPlan
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """A tensor the recipe rounds to nearest on its grid (with ``importance`` per input column, when an
+    importance matrix weighs it): a target may round it itself, row chunk by row chunk."""
+
+    importance: torch.Tensor | None = None
+
+
+class Quantizer:
+    """Where targets get their weights: the recipe's method applied to one tensor on one grid.
+
+    This base rounds every tensor to nearest; the pipeline's quantizer applies the run's method
+    (GPTQ, AWQ, an importance matrix) and shares results between targets.
+    """
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+
+    def quantize(self, name: str, grid: Grid, plan: GridPlan | None = None) -> QuantizedWeight:
+        """``name`` quantized on ``grid``; ``plan``: the artifact's grid for every block linear, so a
+        per-linear method quantizes a file that mixes grids in one pass."""
+        return RoundToNearest().quantize_weight(self.source.load(name), grid)
+
+    def rounding(self, name: str, grid: Grid) -> Rounding | None:
+        """How ``name`` is rounded when that is all the method does to it; None when the method's own
+        result (``quantize``) is needed."""
+        return Rounding()
+
+    def replaced(self, name: str, grid: Grid | None, plan: GridPlan | None = None) -> torch.Tensor | None:
+        """A float tensor the method rescaled for ``grid`` (AWQ folds scales into norms), or None."""
+        return None
+
+    def load(self, name: str, grid: Grid | None, plan: GridPlan | None = None) -> torch.Tensor:
+        """A float tensor of the artifact for ``grid``: the method's rescaled one, or the source's."""
+        replaced = self.replaced(name, grid, plan)
+        return replaced if replaced is not None else self.source.load(name)
 
 
 @dataclass
@@ -21,20 +60,18 @@ class ExportContext:
     source: ModelSource
     recipe: Recipe
     quantized_names: list[str]
-    # Returns the recipe's method applied to one tensor on one grid (cached across targets).
-    quantize: Callable[[str, Grid], QuantizedWeight]
+    quantizer: Quantizer | None = None  # None: round to nearest
     progress: bool = True
 
-    def load(self, name: str, grid: Grid | None) -> torch.Tensor:
-        """A float tensor of the artifact for ``grid``: the source's, or the method's rescaled one."""
-        loader = getattr(self.quantize, "load", None)
-        return loader(name, grid) if loader else self.source.load(name)
+    def __post_init__(self) -> None:
+        if self.quantizer is None:
+            self.quantizer = Quantizer(self.source)
 
-    def quantize_planned(self, name: str, grid: Grid, plan: GridPlan | None) -> QuantizedWeight:
-        """``quantize(name, grid)``, telling quantizers that take one (the pipeline's) the artifact's
-        grid for every block linear, so a per-linear method quantizes a mixed file in one pass."""
-        planned = getattr(self.quantize, "planned", None)
-        return planned(name, grid, plan) if planned and plan else self.quantize(name, grid)
+    def quantize(self, name: str, grid: Grid, plan: GridPlan | None = None) -> QuantizedWeight:
+        return self.quantizer.quantize(name, grid, plan)
+
+    def load(self, name: str, grid: Grid | None, plan: GridPlan | None = None) -> torch.Tensor:
+        return self.quantizer.load(name, grid, plan)
 
 
 class Target(ABC):

@@ -17,12 +17,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from gguf.gguf_writer import WriterState
 from tqdm import tqdm
 
 from quantkit.errors import QuantkitError
-from quantkit.grids import GGUF_GRIDS, GGUFBlockGrid, Grid
+from quantkit.grids import GGUF_GRIDS, GGUFBlockGrid, Grid, QuantizedWeight
 from quantkit.methods import METHODS
-from quantkit.model import ModelSource
+from quantkit.model import ROW_CHUNK_BYTES, ModelSource
 from quantkit.recipe import Recipe
 from quantkit.sequential import GridPlan
 from quantkit.targets.base import ExportContext, Target
@@ -60,6 +61,43 @@ def rope_row_order(rows: int, n_heads: int) -> torch.Tensor:
     """Row order that turns HF's half-split rope layout into ggml's interleaved pairs, per head."""
     head_dim = rows // n_heads
     return torch.arange(rows).reshape(n_heads, 2, head_dim // 2).transpose(1, 2).reshape(-1)
+
+
+def _rope_rows(rows, head_dim: int):
+    """``rows`` (a tensor or QuantizedWeight of whole heads) in llama.cpp's rope layout; ``head_dim`` 1:
+    no rope permutation."""
+    if head_dim == 1:
+        return rows
+    order = rope_row_order(rows.shape[0], rows.shape[0] // head_dim)
+    return rows.permute_rows(order) if isinstance(rows, QuantizedWeight) else rows[order]
+
+
+def _rows_per_chunk(n_cols: int, multiple: int) -> int:
+    """Rows of one written chunk: about ROW_CHUNK_BYTES of float32, a whole number of ``multiple``."""
+    return max(multiple, (ROW_CHUNK_BYTES // (4 * n_cols)) // multiple * multiple)
+
+
+def _float_bytes(t: torch.Tensor, ggml_type: GGMLType) -> np.ndarray:
+    if ggml_type == GGMLType.F32:
+        return t.numpy().astype(np.float32)
+    if ggml_type == GGMLType.F16:
+        return t.numpy().astype(np.float16)
+    return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+
+
+def _write_tensor_chunks(writer: gguf.GGUFWriter, nbytes: int, chunks: Iterator[np.ndarray]) -> None:
+    """``GGUFWriter.write_tensor_data`` for a tensor that arrives in chunks: aligned start, the chunks, padding."""
+    fout = writer.fout[0]
+    writer.tensors[0].pop(next(iter(writer.tensors[0])))  # the writer's queue of tensors still to write
+    writer.write_padding(fout, fout.tell())
+    written = 0
+    for chunk in chunks:
+        chunk.tofile(fout)
+        written += chunk.nbytes
+    if written != nbytes:
+        raise RuntimeError(f"wrote {written} bytes for a tensor planned at {nbytes}")
+    writer.write_padding(fout, written)
+    writer.state = WriterState.WEIGHTS
 
 
 def _hparam(config: dict, key: str, default=None):
@@ -209,6 +247,8 @@ class GGUFTarget(Target):
 
     # ---- export ---------------------------------------------------------------------------------
     def export(self, ctx: ExportContext, path: Path) -> None:
+        """Header and tensor infos first (sizes follow from the plan), then each tensor streamed in row
+        chunks: read, rounded (or taken from the method's result) and written before the next chunk."""
         source = ctx.source
         plan = self.plan(source, ctx.recipe)
         writer = gguf.GGUFWriter(str(path), arch=source.arch.gguf_arch)
@@ -224,23 +264,30 @@ class GGUFTarget(Target):
         writer.write_ti_data_to_file()
         grids = self._grid_plan(plan, ctx)
         for t in tqdm(plan, desc=f"write {path.name}", unit="tensor", disable=not ctx.progress, leave=False):
-            writer.write_tensor_data(self._tensor_bytes(ctx, t, grids))
+            _write_tensor_chunks(writer, t.nbytes(), self._tensor_chunks(ctx, t, grids))
         writer.close()
 
-    def _tensor_bytes(self, ctx: ExportContext, t: PlannedTensor, grids: GridPlan | None) -> np.ndarray:
-        if t.grid is not None:
-            qw = ctx.quantize_planned(t.hf_name, t.grid, grids)
-            if t.rope_heads:
-                qw = qw.permute_rows(rope_row_order(t.shape[0], t.rope_heads))
-            return t.grid.to_bytes(qw)
-        weight = ctx.load(t.hf_name, self.grid(ctx.recipe))
-        if t.rope_heads:
-            weight = weight[rope_row_order(t.shape[0], t.rope_heads)]
-        if t.ggml_type == GGMLType.F32:
-            return weight.numpy().astype(np.float32)
-        if t.ggml_type == GGMLType.F16:
-            return weight.numpy().astype(np.float16)
-        return weight.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+    def _tensor_chunks(self, ctx: ExportContext, t: PlannedTensor, grids: GridPlan | None) -> Iterator[np.ndarray]:
+        """The tensor's bytes in row chunks, rows in llama.cpp's rope layout where it needs one."""
+        head = t.shape[0] // t.rope_heads if t.rope_heads else 1
+        rounding = ctx.quantizer.rounding(t.hf_name, t.grid) if t.grid is not None else None
+        if t.grid is not None and rounding is None:  # the method's result (GPTQ, AWQ): already in memory
+            qw = ctx.quantize(t.hf_name, t.grid, grids)
+            for start in range(0, t.shape[0], _rows_per_chunk(t.shape[1], head)):
+                part = qw.rows(start, start + _rows_per_chunk(t.shape[1], head))
+                yield t.grid.to_bytes(_rope_rows(part, head))
+            return
+        replaced = ctx.quantizer.replaced(t.hf_name, self.grid(ctx.recipe), grids) if t.grid is None else None
+        if replaced is not None or len(t.shape) == 1:
+            chunks = [(0, replaced if replaced is not None else ctx.source.load(t.hf_name))]
+        else:
+            chunks = ctx.source.row_chunks(t.hf_name, multiple=head)
+        for _, rows in chunks:
+            rows = _rope_rows(rows, head) if rows.ndim == 2 else rows
+            if t.grid is not None:
+                yield t.grid.round_to_bytes(rows, rounding.importance)
+            else:
+                yield _float_bytes(rows, t.ggml_type)
 
     def _write_metadata(self, w: gguf.GGUFWriter, source: ModelSource) -> None:
         cfg = source.config

@@ -31,3 +31,18 @@ def decoded_reference(folder, kind: str):
             elif name in state:
                 state[name].copy_(tensor.float())
     return model
+
+
+def edge_weights() -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with ggml's degenerate cases, and an importance with dead columns: (8, 512) and (512,)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 512, generator=g) * 0.05
+    w[0, :256] = 0.0  # an all-zero super-block
+    w[1, 16:32] = 0.0  # an all-zero 16-weight sub-block
+    w[2, 32:64] = 0.0  # an all-zero 32-weight block
+    w[3, :32] = 0.25  # a constant block
+    w[4] = 0.0  # an all-zero row
+    w[5, 7] = -1.5  # an outlier
+    importance = torch.rand(512, generator=g)
+    importance[100:140] = 0.0  # columns that never fired
+    return w, importance

@@ -53,9 +53,7 @@ def exported(request, tiny_models, tmp_path_factory):
     arch, spec, group_size = CASES[request.param]
     source = ModelSource(tiny_models[arch])
     recipe = Recipe(seq_len=SEQ, group_size=group_size)
-    rtn = RoundToNearest()
-    ctx = ExportContext(source, recipe, quantized_tensor_names(source, recipe), progress=False,
-                        quantize=lambda name, grid: rtn.quantize_weight(source.load(name), grid))
+    ctx = ExportContext(source, recipe, quantized_tensor_names(source, recipe), progress=False)
     target = parse_target(spec)
     target.validate(ctx)
     path = tmp_path_factory.mktemp(request.param) / target.filename()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from quantkit.data import load_documents
-from quantkit.methods import RoundToNearest
+from quantkit.grids.ggml_lib import use_engine
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, quantized_tensor_names
 from quantkit.targets import ExportContext, parse_target
@@ -28,18 +28,10 @@ def _source(model_dir) -> ModelSource:
     return ModelSource(model_dir)
 
 
-@functools.cache
-def _rounded(model_dir, name: str, grid):
-    """Round-to-nearest of one tensor on one grid, shared by the many files these tests write (k-quant
-    rounding runs in Python loops)."""
-    return RoundToNearest().quantize_weight(_source(model_dir).load(name), grid)
-
-
 def export(model_dir, gguf_type: str, path: Path, validate: bool = True, **recipe) -> Path:
     src = ModelSource(model_dir)
     r = Recipe(**recipe)
-    quantize = functools.partial(_rounded, model_dir)
-    ctx = ExportContext(src, r, quantized_tensor_names(src, r), quantize=quantize, progress=False)
+    ctx = ExportContext(src, r, quantized_tensor_names(src, r), progress=False)
     target = parse_target(f"gguf:{gguf_type}")
     if validate:
         target.validate(ctx)
@@ -90,12 +82,14 @@ def default_f32(tmp_path_factory) -> Path:
     return export(None, "F32", tmp_path_factory.mktemp("gguf") / "model-F32.gguf")
 
 
-@pytest.mark.parametrize("pure", [False, True], ids=["rules", "pure"])
+@pytest.mark.parametrize("pure,engine", [(False, "ggml"), (True, "torch")], ids=["rules-ggml", "pure-torch"])
 @pytest.mark.parametrize("gguf_type", FILE_TYPES)
-def test_every_file_type_byte_identical_to_llama_cpp_quantizer(default_f32, tmp_path, gguf_type, pure):
+def test_every_file_type_byte_identical_to_llama_cpp_quantizer(default_f32, tmp_path, gguf_type, pure, engine):
     """Every tensor (embedding and output included) gets llama.cpp's type for the file type, with its bytes;
-    --pure equals llama_model_quantize with params.pure."""
-    ours = tensors(export(None, gguf_type, tmp_path / "ours.gguf", pure=pure))
+    --pure equals llama_model_quantize with params.pure. The rules run through ggml's quantizer in
+    quantkit's streaming writer, the pure files through the torch reference grids."""
+    with use_engine(engine):
+        ours = tensors(export(None, gguf_type, tmp_path / "ours.gguf", pure=pure))
     theirs = tensors(llama_quantize(default_f32, tmp_path / "theirs.gguf", gguf_type, pure=pure))
     assert_same_tensors(ours, theirs)
     base = parse_target(f"gguf:{gguf_type}").file_type.base
@@ -271,7 +265,7 @@ def test_override_that_cannot_apply_is_refused_before_work(recipe, message):
     from quantkit.errors import QuantkitError
 
     src, r = ModelSource(), Recipe(**recipe)
-    ctx = ExportContext(src, r, quantized_tensor_names(src, r), quantize=lambda n, g: None, progress=False)
+    ctx = ExportContext(src, r, quantized_tensor_names(src, r), progress=False)
     with pytest.raises(QuantkitError, match=message.replace(".", r"\.")):
         parse_target("gguf:Q4_0").validate(ctx)
 

@@ -64,7 +64,7 @@ def test_gptq_bytes_decode_in_ggml_to_gptq_weights(layer, gguf_type, static):
 def q4_k_m_gptq(tmp_path_factory):
     """A GPTQ Q4_K_M file of the embedded model, with every QuantizedWeight the pipeline handed the target."""
     recorded = {}
-    original = WeightQuantizer.__call__
+    original = WeightQuantizer.quantize
 
     def recording(self, name, grid, plan=None):
         qw = original(self, name, grid, plan)
@@ -72,7 +72,7 @@ def q4_k_m_gptq(tmp_path_factory):
         return qw
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(WeightQuantizer, "__call__", recording)
+    mp.setattr(WeightQuantizer, "quantize", recording)
     try:
         # no embedding or output (4096 rows each): k-quant fits run in Python loops
         result = quantkit.ship(out=tmp_path_factory.mktemp("kq") / "gptq", targets=["gguf:Q4_K_M"], method="gptq",

@@ -13,6 +13,7 @@ from quantkit.calibrate import collect_statistics
 from quantkit.data import make_samples
 from quantkit.errors import QuantkitError
 from quantkit.grids import GGUF_GRIDS
+from quantkit.grids.ggml_lib import use_engine
 from quantkit.imatrix import (
     ImatrixEntry,
     ImportanceMatrix,
@@ -26,6 +27,7 @@ from quantkit.methods import RoundToNearest
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe
 from tests.ggml_reference import ggml_quantize
+from tests.helpers import edge_weights
 
 WEIGHTED_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 # one linear of each shape, from different layers: (256, 256), (128, 256), (768, 256), (256, 768)
@@ -51,6 +53,14 @@ def _importance(source, imatrix: ImportanceMatrix, hf_name: str) -> torch.Tensor
     return torch.from_numpy(imatrix.values(gguf_weight_names(source.arch, source.n_layers)[hf_name]))
 
 
+@pytest.fixture
+def torch_engine():
+    """The torch reference grids, not ggml's library, quantize inside the test."""
+    with use_engine("torch"):
+        yield
+
+
+@pytest.mark.usefixtures("torch_engine")
 @pytest.mark.parametrize("gguf_type", WEIGHTED_TYPES)
 def test_weighted_quantizers_byte_identical_to_ggml(source, calib_imatrix, gguf_type):
     """ggml_quantize_chunk with the imatrix (llama.cpp's quantize_row_*_impl paths) writes our bytes."""
@@ -65,25 +75,12 @@ def test_weighted_quantizers_byte_identical_to_ggml(source, calib_imatrix, gguf_
         assert not np.array_equal(theirs, ggml_quantize(gguf_type, w.numpy())), name
 
 
-def _edge_weights() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(8, 512, generator=g) * 0.05
-    w[0, :256] = 0.0  # an all-zero super-block
-    w[1, 16:32] = 0.0  # an all-zero 16-weight sub-block
-    w[2, 32:64] = 0.0  # an all-zero 32-weight block
-    w[3, :32] = 0.25  # a constant block
-    w[4] = 0.0  # an all-zero row
-    w[5, 7] = -1.5  # an outlier
-    importance = torch.rand(512, generator=g)
-    importance[100:140] = 0.0  # columns that never fired
-    return w, importance
-
-
+@pytest.mark.usefixtures("torch_engine")
 @pytest.mark.parametrize("gguf_type", sorted(GGUF_GRIDS))
 @pytest.mark.parametrize("weighted", [False, True])
 def test_zero_blocks_and_dead_columns_match_ggml(gguf_type, weighted):
     """Degenerate blocks take ggml's special cases (zeroed scale bytes, L = 0), with and without imatrix."""
-    w, importance = _edge_weights()
+    w, importance = edge_weights()
     grid = GGUF_GRIDS[gguf_type]
     ours = grid.to_bytes(RoundToNearest().quantize_weight(w, grid, importance=importance if weighted else None))
     theirs = ggml_quantize(gguf_type, w.numpy(), importance.numpy() if weighted else None)

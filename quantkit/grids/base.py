@@ -163,6 +163,12 @@ class QuantizedWeight:
         g_idx = None if self.g_idx is None else self.g_idx.to(device)
         return QuantizedWeight(self.codes.to(device), self.params.map(lambda t: t.to(device)), self.grid, g_idx)
 
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        """Rows ``start:stop`` of this weight (row-wise parameters sliced along)."""
+        if self.params.scale.shape[0] == 1:  # per-tensor parameters apply to every row
+            return QuantizedWeight(self.codes[start:stop], self.params, self.grid, self.g_idx)
+        return QuantizedWeight(self.codes[start:stop], self.params.map(lambda t: t[start:stop]), self.grid, self.g_idx)
+
     def permute_rows(self, order: torch.Tensor) -> QuantizedWeight:
         """The same weight with its output rows reordered (e.g. llama.cpp's rope layout)."""
         if self.params.scale.shape[0] == 1:  # per-tensor parameters apply to every row

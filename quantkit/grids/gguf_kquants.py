@@ -31,7 +31,7 @@ from quantkit.grids.ggml_search import (
     sequential_sum,
     signed_absmax,
 )
-from quantkit.grids.gguf_legacy import GGUFBlockGrid, _fp16_round, assemble_blocks
+from quantkit.grids.gguf_legacy import GGUFBlockGrid, _fp16_round, assemble_blocks, read_f16
 
 SUPER_BLOCK = 256
 
@@ -48,6 +48,9 @@ class _KQuant(GGUFBlockGrid):
     uses_importance: bool = True
     sub_blocks: int = 16
     code_range: tuple[int, int] = (0, 3)  # codes as decode reads them (symmetric types are centred on 0)
+
+    def costly_search(self, importance: torch.Tensor | None) -> bool:
+        return True  # ggml's k-quant searches loop over every weight: C beats torch by orders of magnitude
 
     def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
         if params.aux:  # a whole super-block's fit: ggml's codes
@@ -80,6 +83,17 @@ def _per_scale(x: torch.Tensor, n_scales: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], n_scales, -1)
 
 
+def _floats(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a).astype(np.float32))
+
+
+def _unpack_2bit(packed: np.ndarray) -> np.ndarray:
+    """Inverse of the 2-bit packing of Q2_K / Q3_K: (..., 2, 32) bytes -> (..., 256) codes in 128-chunks
+    of four 32-weight quarters (quarter k in bits 2k, 2k + 1)."""
+    quarters = np.stack([(packed >> (2 * k)) & 3 for k in range(4)], axis=-2)  # (..., 2, 4, 32)
+    return quarters.reshape(*packed.shape[:-2], 256).astype(np.int32)
+
+
 def _sub_blocks(importance: torch.Tensor, size: int) -> torch.Tensor:
     """Per-column importance (..., 256) split like the weights into sub-blocks (..., 256 / size, size)."""
     return importance.float().reshape(*importance.shape[:-1], SUPER_BLOCK // size, size)
@@ -103,7 +117,7 @@ class Q6_K(_KQuant):
     bits: int = 6
     block_bytes: int = 210
 
-    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
+    def reference_fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
         sub = w.float().reshape(*w.shape[:-1], 16, 16)
         # ggml weights Q6_K's search by the raw imatrix (its sigma2 variant is commented out there)
         sub_scales, levels = make_qx_quants(sub, 32, None if importance is None else _sub_blocks(importance, 16))
@@ -117,6 +131,17 @@ class Q6_K(_KQuant):
         codes = torch.where((effective != 0)[..., None], requant, torch.where(empty[..., None, None], 0.0, levels))
         return QuantParams(scale=effective, aux=(d[..., None], sc, codes.reshape(*w.shape[:-1], SUPER_BLOCK) - 32))
 
+    def params_from_blocks(self, raw: np.ndarray) -> QuantParams:
+        lead = raw.shape[:-1]
+        ql = raw[..., 0:128].reshape(*lead, 2, 2, 32).astype(np.int32)  # (half, low/high nibble pair, 32)
+        qh = raw[..., 128:192].reshape(*lead, 2, 32).astype(np.int32)
+        low = np.stack([ql[..., 0, :] & 0xF, ql[..., 1, :] & 0xF, ql[..., 0, :] >> 4, ql[..., 1, :] >> 4], axis=-2)
+        high = np.stack([(qh >> (2 * k)) & 3 for k in range(4)], axis=-2)  # (..., half, quarter, 32)
+        codes = (low | (high << 4)).reshape(*lead, SUPER_BLOCK) - 32
+        sc = _floats(raw[..., 192:208].view(np.int8))
+        d = read_f16(raw, 208)
+        return QuantParams(scale=d * sc, aux=(d, sc, _floats(codes)))
+
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes().numpy().astype(np.int32) + 32  # (rows, blocks, 256) in [0, 64)
         rows, blocks = codes.shape[:2]
@@ -129,6 +154,14 @@ class Q6_K(_KQuant):
         parts = [ql.reshape(rows, blocks, 128).astype(np.uint8), qh.reshape(rows, blocks, 64).astype(np.uint8),
                  sc.numpy().astype(np.int8).view(np.uint8), d.numpy().astype("<f2").view(np.uint8)]
         return assemble_blocks(parts, rows)
+
+
+def _unpack_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of ``_pack_scales_mins``: 12 bytes -> eight 6-bit scales and eight 6-bit mins."""
+    p = packed.astype(np.int32)
+    ls = np.concatenate([p[..., 0:4] & 63, (p[..., 8:12] & 0xF) | ((p[..., 0:4] >> 6) << 4)], axis=-1)
+    lm = np.concatenate([p[..., 4:8] & 63, (p[..., 8:12] >> 4) | ((p[..., 4:8] >> 6) << 4)], axis=-1)
+    return ls, lm
 
 
 def _pack_scales_mins(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -147,7 +180,7 @@ class _Q45K(_KQuant):
     sub_blocks: int = 8
     search: tuple[float, float, int] = (-1.0, 0.1, 20)  # rmin, rdelta, nstep of ggml's search
 
-    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
+    def reference_fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
         nmax = 2**self.bits - 1
         sub = w.float().reshape(*w.shape[:-1], 8, 32)
         search = self._plain_search if importance is None else self._imatrix_search
@@ -182,6 +215,19 @@ class _Q45K(_KQuant):
         dmin, lm = make_qp_quants(mins, 63, sub_weight)
         return _fp16_round(d), _fp16_round(dmin), ls, lm, levels
 
+    def params_from_blocks(self, raw: np.ndarray) -> QuantParams:
+        d, dmin = read_f16(raw, 0), read_f16(raw, 2)
+        ls, lm = _unpack_scales_mins(raw[..., 4:16])
+        ls, lm = _floats(ls), _floats(lm)
+        codes = self.read_codes(raw)
+        return QuantParams(scale=d * ls, minimum=-(dmin * lm), aux=(d, dmin, ls, lm, _floats(codes)))
+
+    @staticmethod
+    def _read_low_nibbles(qs: np.ndarray) -> np.ndarray:
+        """Inverse of ``_low_nibbles``: qs[128] -> (..., 4, 2, 32) low four bits of the codes."""
+        q = qs.reshape(*qs.shape[:-1], 4, 1, 32).astype(np.int32)
+        return np.concatenate([q & 0xF, q >> 4], axis=-2)
+
     def _header(self, qw: QuantizedWeight) -> list[np.ndarray]:
         d, dmin, ls, lm = qw.params.aux[:4]
         scales = _pack_scales_mins(ls.numpy().astype(np.uint8), lm.numpy().astype(np.uint8))
@@ -205,6 +251,9 @@ class Q4_K(_Q45K):
     block_bytes: int = 144
     search: tuple[float, float, int] = (-1.0, 0.1, 20)
 
+    def read_codes(self, raw: np.ndarray) -> np.ndarray:
+        return self._read_low_nibbles(raw[..., 16:144]).reshape(*raw.shape[:-1], SUPER_BLOCK)
+
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes().numpy().astype(np.uint8)
         rows, blocks = codes.shape[:2]
@@ -221,6 +270,12 @@ class Q5_K(_Q45K):
     bits: int = 5
     block_bytes: int = 176
     search: tuple[float, float, int] = (-0.5, 0.1, 15)
+
+    def read_codes(self, raw: np.ndarray) -> np.ndarray:
+        low = self._read_low_nibbles(raw[..., 48:176])  # (..., chunk, half, 32)
+        qh = raw[..., 16:48].astype(np.int32)[..., None, None, :]
+        shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :])[..., None]  # bit 2c + half
+        return (low | (((qh >> shifts) & 1) << 4)).reshape(*raw.shape[:-1], SUPER_BLOCK)
 
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes().numpy().astype(np.uint8)
@@ -243,7 +298,7 @@ class Q2_K(_KQuant):
     bits: int = 2
     block_bytes: int = 84
 
-    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
+    def reference_fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
         sub = w.float().reshape(*w.shape[:-1], 16, 16)
         search = self._plain_search(sub) if importance is None else self._imatrix_search(sub, importance)
         d, dmin, ls, lm, levels = search
@@ -278,6 +333,13 @@ class Q2_K(_KQuant):
         dmin, lm = make_qp_quants(mins, 15, sub_weight)
         return _fp16_round(d), _fp16_round(dmin), ls, lm, levels
 
+    def params_from_blocks(self, raw: np.ndarray) -> QuantParams:
+        scales = raw[..., 0:16].astype(np.int32)
+        ls, lm = _floats(scales & 0xF), _floats(scales >> 4)
+        codes = _unpack_2bit(raw[..., 16:80].reshape(*raw.shape[:-1], 2, 32))
+        d, dmin = read_f16(raw, 80), read_f16(raw, 82)
+        return QuantParams(scale=d * ls, minimum=-(dmin * lm), aux=(d, dmin, ls, lm, _floats(codes)))
+
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes().numpy().astype(np.uint8)
         rows, blocks = codes.shape[:2]
@@ -304,7 +366,7 @@ class Q3_K(_KQuant):
     bits: int = 3
     block_bytes: int = 110
 
-    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
+    def reference_fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
         sub = w.float().reshape(*w.shape[:-1], 16, 16)
         d, stored, levels = self._plain_search(sub) if importance is None else self._imatrix_search(sub, importance)
         effective = d[..., None] * (stored - 32)  # stored 6-bit scales are offset by 32
@@ -332,6 +394,20 @@ class Q3_K(_KQuant):
         scales, levels = make_qx_quants(sub, 4, weights)
         d, stored = make_qx_quants(scales, 32, sub_weight)
         return _fp16_round(d), stored, levels
+
+    def params_from_blocks(self, raw: np.ndarray) -> QuantParams:
+        lead = raw.shape[:-1]
+        hmask = raw[..., 0:32].astype(np.int32)[..., None, :]  # bit b of byte m: weight 32 b + m
+        high = ((hmask >> np.arange(8)[:, None]) & 1).reshape(*lead, SUPER_BLOCK)
+        low = _unpack_2bit(raw[..., 32:96].reshape(*lead, 2, 32))
+        codes = (low | (high << 2)) - 4
+        packed = raw[..., 96:108].astype(np.int32)
+        j = np.arange(16)
+        nibble = np.where(j < 8, packed[..., j % 8] & 0xF, packed[..., j % 8] >> 4)
+        stored = nibble | (((packed[..., 8 + j % 4] >> (2 * (j // 4))) & 3) << 4)
+        d = read_f16(raw, 108)
+        stored = _floats(stored)
+        return QuantParams(scale=d * (stored - 32), aux=(d, stored, _floats(codes)))
 
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes().numpy().astype(np.int32) + 4  # (rows, blocks, 256) in [0, 8)

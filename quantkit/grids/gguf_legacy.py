@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from quantkit.grids import ggml_lib
 from quantkit.grids.base import Grid, QuantizedWeight, QuantParams
 from quantkit.grids.ggml_search import imatrix_weights, make_qkx2_quants, make_qx_quants, sequential_sum
 
@@ -58,6 +59,37 @@ class GGUFBlockGrid(Grid):
     def bits_per_weight(self) -> float:
         return self.block_bytes * 8 / self.group_size
 
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
+        """ggml's fit: in its C library where it is installed and the search is costly (the imatrix
+        searches, every k-quant), else the torch reference (``reference_fit``), which gives the same
+        parameters and codes."""
+        if self.costly_search(importance) and ggml_lib.engine() == "ggml":
+            return self._fit_in_ggml(w, importance)
+        return self.reference_fit(w, importance)
+
+    def costly_search(self, importance: torch.Tensor | None) -> bool:
+        """Whether ggml's C search is worth a round trip (the plain legacy fits are one vector op)."""
+        return importance is not None
+
+    @abstractmethod
+    def reference_fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
+        """ggml's search step for step in torch (see ``Grid.fit``)."""
+
+    @abstractmethod
+    def params_from_blocks(self, raw: np.ndarray) -> QuantParams:
+        """The parameters and codes (last ``aux``) ``reference_fit`` gives, read back from ggml blocks
+        ``raw`` shaped ``(..., block_bytes)``; each tensor comes out shaped ``(..., k)``."""
+
+    def _fit_in_ggml(self, w: torch.Tensor, importance: torch.Tensor | None) -> QuantParams:
+        # Under an importance matrix a legacy block's weights depend on its whole row (sigma2), so rows
+        # stay whole; without one every block stands alone.
+        row_dims = 2 if importance is not None else 1
+        lead = w.shape[:-row_dims]
+        rows = w.float().reshape(int(np.prod(lead, dtype=np.int64)), -1).numpy()
+        weights = None if importance is None else importance.float().reshape(-1).numpy()
+        raw = ggml_lib.quantize_rows(self.name, rows, weights)
+        return self.params_from_blocks(raw.reshape(*w.shape[:-1], self.block_bytes))
+
     def check_shape(self, name: str, shape: tuple[int, ...]) -> str | None:
         if len(shape) != 2:
             return f"{name} is not a matrix"
@@ -68,6 +100,18 @@ class GGUFBlockGrid(Grid):
     @abstractmethod
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         """Rows of raw ggml blocks, shape ``(rows, row_bytes)`` uint8."""
+
+    def round_to_bytes(self, rows: torch.Tensor, importance: torch.Tensor | None = None) -> np.ndarray:
+        """``rows`` (float32 ``(n, n_per_row)``) rounded to nearest on this grid, as raw ggml blocks: by
+        ggml's own quantizer where installed (C speed, the bytes llama-quantize writes), else by the
+        torch reference (the same bytes)."""
+        if ggml_lib.engine() == "ggml":
+            weights = None if importance is None else importance.float().numpy()
+            return ggml_lib.quantize_rows(self.name, rows.float().numpy(), weights)
+        groups = rows.float().reshape(rows.shape[0], -1, self.group_size)
+        params = self.fit(groups, None if importance is None else importance.float().reshape(groups.shape[-2:]))
+        codes = self.encode(groups, params).reshape(rows.shape)
+        return self.to_bytes(QuantizedWeight(codes=codes, params=params, grid=self))
 
     def column_params(self, params: QuantParams, offset: int) -> QuantParams:
         # a weighted fit's codes (aux) were searched for the original weights; GPTQ rounds its own
@@ -96,6 +140,27 @@ def _f16(t: torch.Tensor) -> np.ndarray:
     return t.squeeze(-1).numpy().astype("<f2")
 
 
+def read_f16(raw: np.ndarray, offset: int) -> torch.Tensor:
+    """The fp16 field at byte ``offset`` of each block, as float32 ``(..., 1)``."""
+    field = np.ascontiguousarray(raw[..., offset : offset + 2]).view("<f2")
+    return torch.from_numpy(field.astype(np.float32))
+
+
+def read_halves(qs: np.ndarray) -> np.ndarray:
+    """Inverse of ``_halves``: 16 bytes -> 32 codes (low nibbles first)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int32)
+
+
+def read_high_bits(qh: np.ndarray) -> np.ndarray:
+    """Inverse of ``_high_bits``: 4 bytes (a little-endian uint32) -> bit 4 of 32 codes."""
+    word = np.ascontiguousarray(qh).view("<u4").astype(np.int64)
+    return (((word >> np.arange(32)) & 1) << 4).astype(np.int32)
+
+
+def _codes_tensor(codes: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(codes.astype(np.float32))
+
+
 def assemble_blocks(parts: list[np.ndarray], rows: int) -> np.ndarray:
     """Concatenate per-block fields (each ``(rows, n_blocks, ...)``, any dtype) into rows of raw bytes."""
     raw = [p.view(np.uint8).reshape(*p.shape[:2], -1) for p in parts]
@@ -108,11 +173,20 @@ class Q8_0(GGUFBlockGrid):
     bits: int = 8
     block_bytes: int = 34
 
-    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
+    def reference_fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
         d = w.abs().amax(dim=-1, keepdim=True) / 127
         return QuantParams(scale=_fp16_round(d), zero=torch.zeros_like(d), inv_scale=_safe_reciprocal(d))
 
+    def costly_search(self, importance: torch.Tensor | None) -> bool:
+        return False  # ggml's Q8_0 ignores an importance matrix: one vector op either way
+
+    def params_from_blocks(self, raw: np.ndarray) -> QuantParams:
+        d = read_f16(raw, 0)
+        return QuantParams(scale=d, zero=torch.zeros_like(d), aux=(_codes_tensor(raw[..., 2:].view(np.int8)),))
+
     def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        if params.aux:  # read back from ggml's blocks
+            return params.aux[-1].to(torch.int32)
         x = (w * _inv(params)).double()  # product in fp32 as in C, then roundf (half away from zero)
         return (torch.sign(x) * torch.floor(x.abs() + 0.5)).clamp(-128, 127).to(torch.int32)
 
@@ -139,7 +213,7 @@ class _SymmetricBlock(GGUFBlockGrid):
 
     uses_importance: bool = True
 
-    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
+    def reference_fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
         half = 2 ** (self.bits - 1)
         if importance is not None:
             d, codes = make_qx_quants(w.float(), half, row_weights(w.float(), importance))
@@ -147,6 +221,15 @@ class _SymmetricBlock(GGUFBlockGrid):
             return QuantParams(scale=_fp16_round(d), zero=torch.full_like(d, half), aux=(codes,))
         d = _signed_absmax(w) / -half
         return QuantParams(scale=_fp16_round(d), zero=torch.full_like(d, half), inv_scale=_safe_reciprocal(d))
+
+    def params_from_blocks(self, raw: np.ndarray) -> QuantParams:
+        d = read_f16(raw, 0)
+        codes = self.read_codes(raw)
+        return QuantParams(scale=d, zero=torch.full_like(d, 2 ** (self.bits - 1)), aux=(_codes_tensor(codes),))
+
+    @abstractmethod
+    def read_codes(self, raw: np.ndarray) -> np.ndarray:
+        """The 32 codes of each block of ``raw``."""
 
     def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
         if params.aux:  # fitted with an importance matrix: the search chose the codes
@@ -162,7 +245,7 @@ class _MinBlock(GGUFBlockGrid):
 
     uses_importance: bool = True
 
-    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
+    def reference_fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantParams:
         if importance is not None:
             x = w.float()
             d, the_min, codes = make_qkx2_quants(x, row_weights(x, importance), 2**self.bits - 1, -0.9, 0.05, 36)
@@ -172,6 +255,14 @@ class _MinBlock(GGUFBlockGrid):
         d = (w.amax(dim=-1, keepdim=True) - lo) / (2**self.bits - 1)
         return QuantParams(scale=_fp16_round(d), minimum=_fp16_round(lo), inv_scale=_safe_reciprocal(d),
                            zero=lo)  # zero carries the fp32 minimum the codes are rounded against
+
+    def params_from_blocks(self, raw: np.ndarray) -> QuantParams:
+        d, minimum = read_f16(raw, 0), read_f16(raw, 2)
+        return QuantParams(scale=d, minimum=minimum, zero=minimum, aux=(_codes_tensor(self.read_codes(raw)),))
+
+    @abstractmethod
+    def read_codes(self, raw: np.ndarray) -> np.ndarray:
+        """The 32 codes of each block of ``raw``."""
 
     def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
         if params.aux:  # fitted with an importance matrix: the search chose the codes
@@ -189,6 +280,9 @@ class Q4_0(_SymmetricBlock):
     bits: int = 4
     block_bytes: int = 18
 
+    def read_codes(self, raw: np.ndarray) -> np.ndarray:
+        return read_halves(raw[..., 2:18])
+
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes()
         return assemble_blocks([_f16(qw.params.scale), _halves(codes)], codes.shape[0])
@@ -199,6 +293,9 @@ class Q5_0(_SymmetricBlock):
     name: str = "Q5_0"
     bits: int = 5
     block_bytes: int = 22
+
+    def read_codes(self, raw: np.ndarray) -> np.ndarray:
+        return read_halves(raw[..., 6:22]) | read_high_bits(raw[..., 2:6])
 
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes()
@@ -211,6 +308,9 @@ class Q4_1(_MinBlock):
     bits: int = 4
     block_bytes: int = 20
 
+    def read_codes(self, raw: np.ndarray) -> np.ndarray:
+        return read_halves(raw[..., 4:20])
+
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes()
         parts = [_f16(qw.params.scale), _f16(qw.params.minimum), _halves(codes)]
@@ -222,6 +322,9 @@ class Q5_1(_MinBlock):
     name: str = "Q5_1"
     bits: int = 5
     block_bytes: int = 24
+
+    def read_codes(self, raw: np.ndarray) -> np.ndarray:
+        return read_halves(raw[..., 8:24]) | read_high_bits(raw[..., 4:8])
 
     def to_bytes(self, qw: QuantizedWeight) -> np.ndarray:
         codes = qw.grouped_codes()
