@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from quantkit.pipeline import ShipResult
+from quantkit.pipeline import DEFAULT_TARGETS, ShipResult
 from quantkit.pipeline import ship as _ship
 from quantkit.recipe import Recipe
 
@@ -24,17 +24,20 @@ RECIPE_FIELDS = frozenset(f.name for f in fields(Recipe))
 
 def ship(
     model: str | Path | None = None,
-    targets: Sequence[str] = ("gguf:Q4_0", "gguf:Q8_0"),
+    targets: Sequence[str] = DEFAULT_TARGETS,
     out: str | Path = "quantkit-out",
     *,
     overwrite: bool = False,
     progress: bool = False,
     verbose: bool = False,
+    third_party_output: bool = False,
     **recipe: object,
 ) -> ShipResult:
     """Run the ship pipeline. ``recipe`` takes the fields of :class:`quantkit.Recipe`
-    (method, bits, group_size, scheme, calib, eval, eval_samples, seq_len, max_kld, ...)."""
+    (method, bits, group_size, scheme, calib, eval, eval_samples, seq_len, max_kld, verify, ...).
+    ``verbose`` prints our step messages; ``third_party_output`` lets the libraries quantkit drives print theirs."""
     unknown = set(recipe) - RECIPE_FIELDS
     if unknown:
         raise TypeError(f"unknown recipe options {sorted(unknown)}; valid: {sorted(RECIPE_FIELDS)}")
-    return _ship(model, targets, out, Recipe(**recipe), overwrite=overwrite, progress=progress, verbose=verbose)
+    return _ship(model, targets, out, Recipe(**recipe), overwrite=overwrite, progress=progress, verbose=verbose,
+                 third_party_output=third_party_output)

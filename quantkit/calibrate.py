@@ -77,3 +77,35 @@ def collect_statistics(model: nn.Module, samples: TokenSamples, weight_names: It
         for handle in handles:
             handle.remove()
     return stats
+
+
+@torch.no_grad()
+def collect_statistics_streamed(source, samples: TokenSamples, weight_names: Iterable[str], progress: bool = False,
+                                gram: bool = True) -> dict[str, LinearStats]:
+    """``collect_statistics`` one decoder block in memory at a time (the unquantized model's activations
+    flow through; the output matrix's input is the final normed hidden state)."""
+    from quantkit.streaming import ActivationStore, BlockStreamer, run_blocks
+
+    wanted = set(weight_names)
+    arch = source.arch
+    stats: dict[str, LinearStats] = {}
+
+    def on_block(index: int, block: nn.Module):
+        handles = []
+        for name in arch.linears:
+            full = f"{arch.block(index)}{name}.weight"
+            if full not in wanted:
+                continue
+            module = block.get_submodule(name)
+            entry = stats[full] = LinearStats.empty(module.in_features, module.weight.device, gram)
+            handles.append(module.register_forward_hook(lambda _m, args, _out, entry=entry: entry.add(args[0])))
+        return lambda: [h.remove() for h in handles]
+
+    store = ActivationStore()
+    run_blocks(BlockStreamer(source), samples.ids, store, progress, on_block, label="calibrate")
+    if arch.lm_head in wanted:
+        head = stats[arch.lm_head] = LinearStats.empty(int(source.config["hidden_size"]), gram=gram)
+        for row in range(len(samples.ids)):
+            head.add(store.read(row))
+    store.close()
+    return {name: stats[name] for name in weight_names if name in stats}

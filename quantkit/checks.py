@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,29 +28,56 @@ class Metrics:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-class MetricAccumulator:
-    """Streams per-sequence logits; the reference's log-probs are kept to compare artifacts with."""
+class ReferenceLogprobs(Protocol):
+    def logprobs(self, row: int, start: int, stop: int) -> torch.Tensor:
+        """Log-probabilities of positions ``start:stop`` of evaluation row ``row``, ``(stop - start, vocab)``."""
 
-    def __init__(self, reference_logprobs: list[torch.Tensor] | None = None):
-        self.reference = reference_logprobs
+
+class LogprobRows:
+    """Reference log-probs held in memory, one ``(positions, vocab)`` tensor per row."""
+
+    def __init__(self, rows: list[torch.Tensor]):
+        self.rows = rows
+
+    def logprobs(self, row: int, start: int, stop: int) -> torch.Tensor:
+        return self.rows[row][start:stop]
+
+
+# Positions scored at once: bounds the float32 (positions x vocab) temporaries (64 MiB at a 128k vocabulary).
+POSITION_CHUNK = 128
+
+
+class MetricAccumulator:
+    """Streams per-sequence logits and compares them with the reference's log-probs, a chunk of positions at
+    a time; ``reference`` may be a list of per-row log-prob tensors or any ``ReferenceLogprobs``."""
+
+    def __init__(self, reference: ReferenceLogprobs | list[torch.Tensor] | None = None):
+        self.reference = LogprobRows(reference) if isinstance(reference, list) else reference
         self.nll = 0.0
         self.kld = 0.0
         self.agree = 0
         self.positions = 0
         self.logprobs: list[torch.Tensor] = []
 
-    def add(self, index: int, ids: torch.Tensor, logits: torch.Tensor | np.ndarray, keep: bool = False) -> None:
-        logits = torch.as_tensor(np.asarray(logits), dtype=torch.float32)[: len(ids) - 1]
-        logprobs = torch.log_softmax(logits, dim=-1)
+    def add(self, index: int, ids: torch.Tensor, logits, keep: bool = False) -> None:
+        """``logits``: the row's ``(positions, vocab)`` logits, anything sliced by position into an array."""
+        scored = len(ids) - 1
         targets = ids[1:].long()
-        self.nll -= logprobs.gather(1, targets[:, None]).sum().item()
-        self.positions += len(targets)
-        if self.reference is not None:
-            ref = self.reference[index]
-            self.kld += (ref.exp() * (ref - logprobs)).sum().item()
-            self.agree += int((ref.argmax(-1) == logprobs.argmax(-1)).sum())
+        kept = []
+        for start in range(0, scored, POSITION_CHUNK):
+            stop = min(start + POSITION_CHUNK, scored)
+            chunk = torch.as_tensor(np.asarray(logits[start:stop]), dtype=torch.float32)
+            logprobs = torch.log_softmax(chunk, dim=-1)
+            self.nll -= logprobs.gather(1, targets[start:stop, None]).sum().item()
+            if self.reference is not None:
+                ref = self.reference.logprobs(index, start, stop)
+                self.kld += (ref.exp() * (ref - logprobs)).sum().item()
+                self.agree += int((ref.argmax(-1) == logprobs.argmax(-1)).sum())
+            if keep:
+                kept.append(logprobs)
+        self.positions += scored
         if keep:
-            self.logprobs.append(logprobs)
+            self.logprobs.append(torch.cat(kept))
 
     def result(self, reference_ppl: float | None = None) -> Metrics:
         ppl = math.exp(self.nll / self.positions)
@@ -62,7 +90,7 @@ class MetricAccumulator:
         return m
 
 
-def score(ids: torch.Tensor, logits: Iterable, reference: list[torch.Tensor] | None,
+def score(ids: torch.Tensor, logits: Iterable, reference: ReferenceLogprobs | list[torch.Tensor] | None,
           reference_ppl: float | None) -> Metrics:
     acc = MetricAccumulator(reference)
     for i, (row, row_logits) in enumerate(zip(ids, logits, strict=True)):

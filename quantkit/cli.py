@@ -1,7 +1,8 @@
 """Command line: ``quantkit ship`` and ``quantkit inspect``.
 
-Exit codes: 0 success; 1 an artifact failed its accuracy gate (it is kept under OUT/rejected/);
-2 bad input (one line on stderr naming the problem and the fix; nothing written).
+Exit codes: 0 success; 1 an artifact was rejected (accuracy gate or tokenizer; it is kept under
+OUT/rejected/); 2 bad input (one line on stderr naming the problem and the fix; nothing written);
+3 an unexpected internal or runtime failure (one line; the traceback goes to a log file).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
+from quantkit.pipeline import DEFAULT_TARGETS
 
 SHIP_EPILOG = """\
 targets:
@@ -37,12 +39,14 @@ targets:
               activations; one full-sequence forward (no KV cache). Checked in the ExecuTorch runtime
               (pip install '.[executorch]').
 
-exit codes: 0 all artifacts accepted, 1 an artifact failed its gate, 2 bad input.
+exit codes: 0 all artifacts accepted (or exported, with --no-verify), 1 an artifact was rejected (its gate
+or its tokenizer), 2 bad input, 3 an internal or runtime failure (details in the log file it names).
 
 examples:
-  quantkit ship                                   # embedded model -> Q4_0 and Q8_0 GGUF in ./quantkit-out
-  quantkit ship ./my-llama --targets gguf:Q5_1 --out dist --json
-  quantkit ship --targets gguf:Q4_0 --max-ppl-increase 10 --eval notes.txt
+  quantkit ship                                   # embedded model -> Q4_K_M and Q8_0 GGUF in ./quantkit-out
+  quantkit ship ./my-llama --targets gguf:Q5_K_M --out dist --json
+  quantkit ship ./my-llama --method gptq --targets gguf:Q4_K_M --calib notes.txt
+  quantkit ship ./my-llama --targets gguf:Q4_K_M --no-verify   # export only, as llama-quantize would
 """
 
 
@@ -61,8 +65,8 @@ def _add_ship(sub) -> None:
     )
     p.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR",
                    help="local Hugging Face checkpoint folder (default: the embedded model shipped with quantkit)")
-    p.add_argument("--targets", type=_targets, default=_targets("gguf:Q4_0,gguf:Q8_0"),
-                   help="comma-separated artifacts to build (default: gguf:Q4_0,gguf:Q8_0)")
+    p.add_argument("--targets", type=_targets, default=list(DEFAULT_TARGETS),
+                   help=f"comma-separated artifacts to build (default: {','.join(DEFAULT_TARGETS)})")
     p.add_argument("--out", default="quantkit-out", help="output folder (default: ./quantkit-out)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace artifacts and manifest.json of an earlier run in --out (other files are kept)")
@@ -72,7 +76,8 @@ def _add_ship(sub) -> None:
                    "gptq and awq learn from --calib text (default: rtn)")
     q.add_argument("--bits", type=int, default=4, help="bits per weight of the integer grid, 2-8 (default: 4)")
     q.add_argument("--group-size", type=int, default=128,
-                   help="weights per group along a row; -1 per channel, 0 per tensor (default: 128)")
+                   help="weights per group along a row; -1 per channel, 0 per tensor (default: 128). Used by the "
+                   "integer-grid targets (hf-gptq, hf-awq, onnx, ort, executorch); GGUF types fix their own blocks")
     q.add_argument("--scheme", choices=("sym", "asym"), default="sym",
                    help="sym = absmax, asym = zero-point (default: sym)")
     q.add_argument("--damp-percent", type=float, default=0.01,
@@ -124,9 +129,16 @@ def _add_ship(sub) -> None:
                    help="largest allowed perplexity increase over the reference, in percent")
     g.add_argument("--max-kld", type=float, default=None, help="largest allowed mean KL divergence (nats)")
     g.add_argument("--min-top1", type=float, default=None, help="smallest allowed top-1 agreement (0-1)")
+    g.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="export only: no reference, no runtime check, no gate; the manifest says nothing was checked")
+    g.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="accept an artifact whose runtime tokenizes the evaluation text differently from "
+                   "tokenizer.json (otherwise rejected; the manifest records the override and the differences)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print manifest.json on stdout (the table goes to stderr)")
     o.add_argument("--quiet", action="store_true", help="no progress bars or step messages")
+    o.add_argument("--verbose", action="store_true",
+                   help="let third-party libraries print their warnings and logs (hidden by default)")
 
 
 def _add_inspect(sub) -> None:
@@ -152,15 +164,26 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _verdict(a) -> str:
+    if a.verdict == "unverified":
+        return "not checked (--no-verify)"
+    if a.accepted:
+        allowed = a.tokenizer_check and a.tokenizer_check.get("allowed")
+        return "PASS (tokenizer mismatch allowed)" if allowed else "PASS"
+    return "REJECTED: " + "; ".join(f.split(" (")[0] if not f.startswith("tokenizer:") else "tokenizer mismatch"
+                                    for f in a.failures)
+
+
 def format_table(result) -> str:
-    ref = result.reference["metrics"]
-    rows = [("artifact", "size", "bpw", "ppl", "dppl%", "KLD", "top-1", "gate"),
-            ("reference (transformers fp32)", "-", "-", _fmt(ref["perplexity"], ".3f"), "-", "-", "-", "-")]
+    rows = [("artifact", "size", "bpw", "ppl", "dppl%", "KLD", "top-1", "gate")]
+    if result.verified:
+        ref = result.reference["metrics"]
+        rows.append(("reference (transformers fp32)", "-", "-", _fmt(ref["perplexity"], ".3f"), "-", "-", "-", "-"))
     for a in result.artifacts:
-        m = a.metrics
-        verdict = "PASS" if a.accepted else "REJECTED: " + "; ".join(a.failures)
-        rows.append((a.path, f"{a.bytes / 2**20:.2f} MiB", f"{a.bits_per_weight:.2f}", _fmt(m["perplexity"], ".3f"),
-                     _fmt(m["ppl_increase_pct"], "+.2f"), _fmt(m["kld"], ".5f"), _fmt(m["top1"], ".4f"), verdict))
+        m = a.metrics or {}
+        rows.append((a.path, f"{a.bytes / 2**20:.2f} MiB", f"{a.bits_per_weight:.2f}",
+                     _fmt(m.get("perplexity"), ".3f"), _fmt(m.get("ppl_increase_pct"), "+.2f"),
+                     _fmt(m.get("kld"), ".5f"), _fmt(m.get("top1"), ".4f"), _verdict(a)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)) + "  " + r[-1] for r in rows]
     lines += [f"note: {a.path}: {note}" for a in result.artifacts for note in a.notes]
@@ -172,6 +195,7 @@ def _run_ship(args) -> int:
     from quantkit.recipe import Recipe
 
     recipe = Recipe(
+        verify=args.verify, allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
         method=args.method, bits=args.bits, group_size=args.group_size, scheme=args.scheme,
         damp_percent=args.damp_percent, act_order=args.act_order, static_groups=args.static_groups,
         weighted_fit=args.weighted_fit, device=args.device, runtime=args.runtime,
@@ -183,17 +207,33 @@ def _run_ship(args) -> int:
         max_kld=args.max_kld, min_top1=args.min_top1,
     )
     result = ship(args.model, args.targets, args.out, recipe, overwrite=args.overwrite,
-                  progress=not args.quiet, verbose=not args.quiet)
+                  progress=not args.quiet, verbose=not args.quiet, third_party_output=args.verbose)
     table_stream = sys.stderr if args.json else sys.stdout
     print(format_table(result), file=table_stream)
     print(f"wrote {result.out_dir}/manifest.json", file=table_stream)
     if args.json:
         print(json.dumps(result.manifest, indent=2))
     if not result.ok:
-        print(f"error: {len(result.rejected)} artifact(s) failed their accuracy gate and were moved to "
-              f"{result.out_dir}/rejected/; relax the gate or use more bits", file=sys.stderr)
+        for line in rejection_report(result):
+            print(line, file=sys.stderr)
         return 1
     return 0
+
+
+def rejection_report(result) -> list[str]:
+    """Why each rejected artifact was rejected, what the numbers mean, and what to try."""
+    lines = [f"error: {len(result.rejected)} artifact(s) rejected and moved to {result.out_dir}/rejected/:"]
+    for a in result.rejected:
+        accuracy = [f for f in a.failures if not f.startswith("tokenizer:")]
+        tokenizer = [f for f in a.failures if f.startswith("tokenizer:")]
+        name = a.path.removeprefix("rejected/")
+        if accuracy:
+            lines.append(f"  {name} failed its accuracy gate: " + "; ".join(accuracy))
+            lines.append("    try: " + "; or ".join(a.remedies) + "; or relax the gate (--max-ppl-increase, "
+                         "--max-kld, --min-top1) if this loss is acceptable")
+        for failure in tokenizer:
+            lines.append(f"  {name}: {failure.removeprefix('tokenizer:').strip()}")
+    return lines
 
 
 def _run_inspect(args) -> int:
@@ -205,18 +245,42 @@ def _run_inspect(args) -> int:
     return 0
 
 
+INTERNAL_ERROR = 3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from quantkit.quiet import third_party_quiet
+
     try:
-        if args.command == "ship":
-            return _run_ship(args)
-        return _run_inspect(args)
+        with third_party_quiet(enabled=not getattr(args, "verbose", False)):
+            if args.command == "ship":
+                return _run_ship(args)
+            return _run_inspect(args)
     except QuantkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written to the output folder", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or a runtime's failure: one line here, the traceback in a log file
+        log = _write_traceback()
+        print(f"error: internal failure ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+              f"nothing was written to the output folder; details in {log}; please report it with that file",
+              file=sys.stderr)
+        return INTERNAL_ERROR
+
+
+def _write_traceback() -> str:
+    import tempfile
+    import time
+    import traceback
+
+    handle, path = tempfile.mkstemp(prefix=f"quantkit-error-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+    with open(handle, "w") as f:
+        f.write(f"quantkit {__version__}\nargv: {sys.argv}\n\n")
+        traceback.print_exc(file=f)
+    return path
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                 "BOOL": torch.bool}
 # Row chunks read for streaming quantization: at most this many bytes of float32 rows at a time.
-ROW_CHUNK_BYTES = 64 << 20
+ROW_CHUNK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,28 @@ class ModelSource:
         if tensor.is_floating_point():
             tensor = tensor.float()
             _check_finite(name, tensor)
+        return tensor
+
+    def load_stored(self, name: str) -> torch.Tensor:
+        """A float tensor in the checkpoint's own dtype (bf16 stays bf16), NaN/Inf rejected."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise QuantkitError(f"tensor {name} is missing from {self.path}; the checkpoint is incomplete")
+        rows = info.shape[0] if info.shape else 1
+        numel = info.numel
+        width = SAFETENSORS_DTYPE_BYTES[info.dtype]
+        buffer = bytearray(numel * width)
+        try:
+            with info.file.open("rb") as f:
+                f.seek(info.offset)
+                if f.readinto(buffer) != len(buffer):
+                    raise OSError("short read")
+        except OSError as exc:
+            raise QuantkitError(f"cannot read {name} from {info.file} ({exc}); re-save the checkpoint") from None
+        tensor = torch.frombuffer(buffer, dtype=TORCH_DTYPES[info.dtype]).reshape(info.shape)
+        step = max(1, ROW_CHUNK_BYTES // max(4 * numel // rows, 1))
+        for start in range(0, rows, step):  # float32 copies of a chunk at a time, for the check
+            _check_finite(name, tensor[start : start + step].float())
         return tensor
 
     def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:

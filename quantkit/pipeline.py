@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from quantkit import __version__
-from quantkit.calibrate import LinearStats, collect_statistics
-from quantkit.checks import MetricAccumulator, Metrics, gate_for, score
+from quantkit.calibrate import LinearStats, collect_statistics_streamed
+from quantkit.checks import gate_for, score
 from quantkit.data import TokenSamples, load_documents, make_samples
 from quantkit.errors import QuantkitError
-from quantkit.grids import Grid, QuantizedWeight
+from quantkit.grids import Grid, IntGrid, QuantizedWeight
 from quantkit.imatrix import (
     GGUF_FILENAME,
     ImportanceMatrix,
@@ -33,15 +33,20 @@ from quantkit.imatrix import (
     write_imatrix,
 )
 from quantkit.manifest import artifact_digest, environment, write_manifest
+from quantkit.memory import bound_heap_growth
 from quantkit.methods import METHODS, Method, RoundToNearest
 from quantkit.model import ModelSource
+from quantkit.quiet import third_party_quiet
 from quantkit.recipe import Recipe, check_grid_fits, quantized_tensor_names
+from quantkit.reference import Reference
 from quantkit.sequential import GridPlan, SequentialResult, quantize_sequential
-from quantkit.streaming import BlockStreamer, streamed_logits
+from quantkit.streaming import BlockStreamer
 from quantkit.targets import ExportContext, Target, parse_target
 from quantkit.targets.base import Quantizer, Rounding
 
 REJECTED_DIR = "rejected"
+# What users ship from a real model: llama.cpp's recommended 4-bit mix and its near-lossless 8-bit type.
+DEFAULT_TARGETS = ("gguf:Q4_K_M", "gguf:Q8_0")
 TOKENIZER_CHECK_CHARS = 200_000
 
 
@@ -53,17 +58,18 @@ class ArtifactResult:
     sha256: str
     bits_per_weight: float
     runtime: dict
-    metrics: dict
-    gate: dict
-    verdict: str  # "accepted" | "rejected"
+    metrics: dict | None  # None: not checked (--no-verify)
+    gate: dict | None
+    verdict: str  # "accepted" | "rejected" | "unverified" (--no-verify: exported, nothing checked)
     failures: list[str]
     tokenizer_check: dict | None
     seconds: dict
     notes: list[str] = field(default_factory=list)
+    remedies: list[str] = field(default_factory=list)  # what to try when rejected
 
     @property
     def accepted(self) -> bool:
-        return self.verdict == "accepted"
+        return self.verdict != "rejected"
 
 
 @dataclass
@@ -82,6 +88,10 @@ class ShipResult:
     @property
     def rejected(self) -> list[ArtifactResult]:
         return [a for a in self.artifacts if not a.accepted]
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.reference)
 
 
 class _Log:
@@ -119,15 +129,6 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         if dest.is_dir():
             shutil.rmtree(dest)  # an earlier run's folder artifact (only reached with --overwrite)
         item.replace(dest)
-
-
-def _reference_logprobs(source: ModelSource, samples: TokenSamples, log: _Log, progress: bool):
-    log(f"reference: {source.arch.hf_class} in transformers (fp32, block by block) on {samples.n_tokens} tokens")
-    acc = MetricAccumulator()
-    for i, (row, logits) in enumerate(zip(samples.ids, streamed_logits(BlockStreamer(source), samples.ids, progress),
-                                          strict=True)):
-        acc.add(i, row, logits, keep=True)
-    return acc.logprobs, acc.result()
 
 
 class WeightQuantizer(Quantizer):
@@ -177,7 +178,7 @@ class WeightQuantizer(Quantizer):
 
     def _pass_key(self, grid: Grid, plan: GridPlan | None) -> Grid | GridPlan:
         """What a layer-by-layer pass is cached under: the plan when it mixes grids, else the grid."""
-        if plan is None or not plan.overrides or not self.method.per_linear_grids:
+        if plan is None or not plan.overrides:
             return grid
         return plan
 
@@ -202,8 +203,7 @@ class WeightQuantizer(Quantizer):
             linears = [n for i in range(self.source.n_layers) for n in self.source.arch.linear_weights(i)]
             if not self.source.tied_embeddings:
                 linears.append(self.source.arch.lm_head)  # output.weight is weighted too when a mix quantizes it
-            model = self.source.hf_model(torch.float32, self.progress)
-            stats = collect_statistics(model, self.calib, linears, self.progress, gram=False)
+            stats = collect_statistics_streamed(self.source, self.calib, linears, self.progress, gram=False)
             self.imatrix = from_statistics(stats, self._gguf_names, self.calib.source, self.calib.ids.shape[1],
                                            self.calib.ids.shape[0])
         return self.imatrix
@@ -211,8 +211,7 @@ class WeightQuantizer(Quantizer):
     def _statistics(self) -> dict[str, LinearStats]:
         if self._stats is None:
             self.log(f"calibration statistics over {self.calib.n_tokens} tokens")
-            model = self.source.hf_model(torch.float32, self.progress)
-            self._stats = collect_statistics(model, self.calib, self.block_names, self.progress)
+            self._stats = collect_statistics_streamed(self.source, self.calib, self.block_names, self.progress)
         return self._stats
 
 
@@ -228,21 +227,31 @@ def _tokenizer_texts(recipe: Recipe) -> list[str]:
 
 def ship(
     model: str | Path | None = None,
-    targets: Sequence[str] = ("gguf:Q4_0", "gguf:Q8_0"),
+    targets: Sequence[str] = DEFAULT_TARGETS,
     out: str | Path = "quantkit-out",
     recipe: Recipe | None = None,
     overwrite: bool = False,
     progress: bool = True,
     verbose: bool = True,
+    third_party_output: bool = False,
 ) -> ShipResult:
-    """Quantize ``model`` for each target, check each artifact in its runtime, write a manifest."""
+    """Quantize ``model`` for each target, check each artifact in its runtime, write a manifest.
+
+    ``verbose``: our step messages; ``third_party_output``: let the libraries we drive print their warnings,
+    logs and banners (hidden by default)."""
+    bound_heap_growth()
+    with third_party_quiet(enabled=not third_party_output):
+        return _ship(model, targets, out, recipe, overwrite, progress, verbose)
+
+
+def _ship(model, targets, out, recipe: Recipe | None, overwrite: bool, progress: bool, verbose: bool) -> ShipResult:
     started = time.time()
     log = _Log(verbose)
     recipe = recipe or Recipe()
     recipe.validate()
     parsed = [parse_target(t) for t in targets]
     if not parsed:
-        raise QuantkitError("no targets given; pass e.g. --targets gguf:Q4_0,gguf:Q8_0")
+        raise QuantkitError("no targets given; pass e.g. --targets gguf:Q4_K_M,gguf:Q8_0")
     for target in parsed:
         target.configure(recipe)
     names = [t.name for t in parsed]
@@ -251,7 +260,10 @@ def ship(
 
     source = ModelSource(model)
     quantized = quantized_tensor_names(source, recipe)
-    check_grid_fits(source, quantized, recipe.int_grid(), f"--group-size {recipe.group_size}")
+    int_targets = [t.name for t in parsed if isinstance(t.grid(recipe), IntGrid)]
+    if int_targets:  # GGUF types fix their own blocks: --group-size only matters to these
+        check_grid_fits(source, quantized, recipe.int_grid(),
+                        f"--group-size {recipe.group_size} (the grid of {', '.join(int_targets)})")
     ctx = ExportContext(source, recipe, quantized, progress=progress)
     method = METHODS[recipe.method].from_recipe(recipe)
     for target in parsed:
@@ -263,21 +275,23 @@ def ship(
     out = Path(out)
     extra = [GGUF_FILENAME] if recipe.imatrix == "calib" else []
     tmp = _prepare_output(out, [t.filename() for t in parsed] + extra, overwrite)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))  # never moved into --out
     try:
-        result = _run(source, recipe, method, parsed, ctx, tmp, out, log, progress, started)
+        result = _run(source, recipe, method, parsed, ctx, tmp, scratch, out, log, progress, started)
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     return result
 
 
 def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Target], ctx: ExportContext, tmp: Path,
-         out: Path, log: _Log, progress: bool, started: float) -> ShipResult:
+         scratch: Path, out: Path, log: _Log, progress: bool, started: float) -> ShipResult:
     log(f"model: {source.path} ({source.arch.hf_class}, {source.parameter_count / 1e6:.1f}M parameters)")
     imatrix_file = load_imatrix_option(recipe.imatrix, source, ctx.quantized_names)  # a bad file fails first
-    source.check_finite()
     tokenizer = source.tokenizer()
-    samples = make_samples(tokenizer, recipe.eval, "eval", recipe.eval_samples, recipe.seq_len)
+    samples = make_samples(tokenizer, recipe.eval, "eval", recipe.eval_samples, recipe.seq_len) \
+        if recipe.verify else None
     calib, calibration = None, None
     if method.needs_statistics or recipe.imatrix == "calib":
         calib = make_samples(tokenizer, recipe.calib, "calib", recipe.calib_samples, recipe.seq_len)
@@ -286,27 +300,34 @@ def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Targ
     quantizer = WeightQuantizer(source, method, calib, ctx.quantized_names, log, progress, recipe.torch_device(),
                                 recipe.imatrix, imatrix_file)
     ctx.quantizer = quantizer
-    reference, ref_metrics = _reference_logprobs(source, samples, log, progress)
-    log(f"reference perplexity {ref_metrics.perplexity:.3f}")
-
-    texts = _tokenizer_texts(recipe)
-    artifacts = []
-    for target in targets:
-        artifacts.append(_ship_one(target, ctx, tmp, samples, reference, ref_metrics, tokenizer, texts, log,
-                                   progress))
+    reference = None
+    if recipe.verify:
+        log(f"reference: {source.arch.hf_class} in transformers (fp32, block by block) on {samples.n_tokens} tokens")
+        reference = Reference(source, samples, scratch, progress)
+        log(f"reference perplexity {reference.metrics.perplexity:.3f}")
+    else:
+        log("--no-verify: artifacts are exported but not checked in any runtime")
+    try:
+        check = Check(samples, reference, tokenizer, _tokenizer_texts(recipe), progress) if reference else None
+        artifacts = [_ship_one(target, ctx, tmp, check, log) for target in targets]
+    finally:
+        if reference:
+            reference.close()
     imatrix = _imatrix_entry(recipe, quantizer, tmp)
 
-    result = ShipResult(out_dir=out, manifest={}, artifacts=artifacts,
-                        reference={"runtime": "transformers (torch fp32)", "metrics": ref_metrics.to_dict()})
+    ref_entry = {"runtime": "transformers (torch fp32)", "metrics": reference.metrics.to_dict()} if reference else {}
+    result = ShipResult(out_dir=out, manifest={}, artifacts=artifacts, reference=ref_entry)
+    eval_entry = None if samples is None else {
+        "source": samples.source, "samples": samples.ids.shape[0], "seq_len": recipe.seq_len,
+        "tokens": samples.n_tokens, "ids_sha256": samples.sha256}
     result.manifest = write_manifest(
         tmp / "manifest.json",
         quantkit_version=__version__,
         model=_model_entry(source),
         recipe=recipe.to_dict(),
-        data={"eval": {"source": samples.source, "samples": samples.ids.shape[0], "seq_len": recipe.seq_len,
-                       "tokens": samples.n_tokens, "ids_sha256": samples.sha256},
-              "calibration": calibration, "imatrix": imatrix},
-        reference=result.reference,
+        verified=recipe.verify,
+        data={"eval": eval_entry, "calibration": calibration, "imatrix": imatrix},
+        reference=result.reference or None,
         artifacts=artifacts,
         environment=environment(),
         seconds=round(time.time() - started, 1),
@@ -314,23 +335,37 @@ def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Targ
     return result
 
 
-def _ship_one(target: Target, ctx: ExportContext, tmp: Path, samples: TokenSamples,
-              reference: list[torch.Tensor], ref_metrics: Metrics, tokenizer, texts: list[str], log: _Log,
-              progress: bool) -> ArtifactResult:
+@dataclass
+class Check:
+    """What checking an artifact needs: evaluation rows, the reference, and texts for the tokenizer check."""
+
+    samples: TokenSamples
+    reference: Reference
+    tokenizer: object
+    texts: list[str]
+    progress: bool
+
+
+def _ship_one(target: Target, ctx: ExportContext, tmp: Path, check: Check | None, log: _Log) -> ArtifactResult:
     path = tmp / target.filename()
     log(f"{target.name}: exporting {path.name}")
     t0 = time.time()
     target.export(ctx, path)
     t1 = time.time()
-    log(f"{target.name}: checking in {target.runtime()['name']}")
-    tokenizer_check = target.verify_tokenizer(path, tokenizer, texts)
-    metrics = score(samples.ids, target.logits(path, samples.ids, progress), reference, ref_metrics.perplexity)
-    t2 = time.time()
     bpw = target.bits_per_weight(ctx.recipe)
-    gate = gate_for(bpw, ctx.recipe.gate_overrides())
-    failures = gate.failures(metrics)
-    if tokenizer_check is not None and not tokenizer_check["match"]:
-        failures.append(f"tokenization differs from the HF tokenizer on {tokenizer_check['mismatched_texts']} texts")
+    metrics, gate, failures, tokenizer_check = None, None, [], None
+    if check is not None:
+        log(f"{target.name}: checking in {target.runtime()['name']}")
+        tokenizer_check = target.verify_tokenizer(path, check.tokenizer, check.texts)
+        metrics = score(check.samples.ids, target.logits(path, check.samples.ids, check.progress), check.reference,
+                        check.reference.metrics.perplexity)
+        gate = gate_for(bpw, ctx.recipe.gate_overrides())
+        failures = [f"{text} ({EXPLAINED[text.split()[0]]})" for text in gate.failures(metrics)]
+        if tokenizer_check is not None and not tokenizer_check["match"]:
+            tokenizer_check["allowed"] = ctx.recipe.allow_tokenizer_mismatch
+            if not ctx.recipe.allow_tokenizer_mismatch:
+                failures.append(tokenizer_failure(tokenizer_check))
+    t2 = time.time()
     relative = Path(target.filename())
     if failures:
         (tmp / REJECTED_DIR).mkdir(exist_ok=True)
@@ -338,6 +373,7 @@ def _ship_one(target: Target, ctx: ExportContext, tmp: Path, samples: TokenSampl
         path.replace(tmp / relative)
         path = tmp / relative
     size, digest = artifact_digest(path)
+    verdict = "unverified" if check is None else "rejected" if failures else "accepted"
     return ArtifactResult(
         target=target.name,
         path=relative.as_posix(),
@@ -345,14 +381,33 @@ def _ship_one(target: Target, ctx: ExportContext, tmp: Path, samples: TokenSampl
         sha256=digest,
         bits_per_weight=round(bpw, 4),
         runtime=target.runtime(),
-        metrics=metrics.to_dict(),
-        gate=gate.to_dict(),
-        verdict="rejected" if failures else "accepted",
+        metrics=None if metrics is None else metrics.to_dict(),
+        gate=None if gate is None else gate.to_dict(),
+        verdict=verdict,
         failures=failures,
         tokenizer_check=tokenizer_check,
         seconds={"export": round(t1 - t0, 2), "verify": round(t2 - t1, 2)},
         notes=target.notes(),
+        remedies=target.remedies(ctx.recipe) if failures else [],
     )
+
+
+# What each gate metric means, for the failure lines.
+EXPLAINED = {
+    "ppl": "perplexity on the evaluation text, relative to the unquantized model",
+    "KLD": "mean KL divergence of the next-token distribution from the unquantized model's",
+    "top-1": "share of positions whose most likely next token is the unquantized model's",
+}
+TOKENIZER_FAILURE = "tokenizer:"
+
+
+def tokenizer_failure(check: dict) -> str:
+    first = check.get("first_mismatch") or {}
+    return (f"{TOKENIZER_FAILURE} the runtime tokenizes {check['mismatched_texts']} of {check['texts']} texts "
+            f"differently from tokenizer.json (no pre-tokenizer of the runtime reproduces its split rules); first "
+            f"difference in {first.get('text', '')!r}: tokenizer.json {first.get('hf', [])} vs runtime "
+            f"{first.get('runtime', [])}; not an accuracy failure: the numbers above are on tokenizer.json's ids. "
+            "Pass --allow-tokenizer-mismatch to ship it anyway (recorded in the manifest)")
 
 
 def _imatrix_entry(recipe: Recipe, quantizer: WeightQuantizer, tmp: Path) -> dict | None:

@@ -46,6 +46,9 @@ class Recipe:
     max_ppl_increase_pct: float | None = None
     max_kld: float | None = None
     min_top1: float | None = None
+    verify: bool = True  # False (--no-verify): export only; no reference, no runtime, no gate
+    # accept artifacts whose runtime tokenizes differently from tokenizer.json (recorded in the manifest)
+    allow_tokenizer_mismatch: bool = False
 
     def validate(self) -> None:
         if self.method not in METHODS:

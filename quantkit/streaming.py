@@ -1,12 +1,20 @@
-"""A transformers model whose decoder blocks live on the ``meta`` device until they are needed.
+"""A transformers model whose decoder blocks live on the ``meta`` device until they are needed, and
+passes that run many token rows through it one block at a time.
 
 Only the embedding, rotary embedding, final norm and lm_head are materialized up front; each block is
 read from the checkpoint (lazily, tensor by tensor) when ``load_block`` is called and dropped again by
-``release_block``. The layer-by-layer passes (GPTQ/AWQ, reference logits) therefore hold one block
-in full precision at a time, plus activations.
+``release_block``. The layer-by-layer passes (GPTQ/AWQ, reference outputs, calibration statistics)
+therefore hold one block in full precision at a time, plus activations. ``run_blocks`` keeps the
+activations of every row in an ``ActivationStore``: in memory, or in a scratch file (``FileStore``), so
+that more evaluation rows cost disk, not memory.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,11 +33,15 @@ class BlockStreamer:
         self.model.eval()
         self.blocks = self.model.get_submodule(source.arch.blocks_module)
         arch = source.arch
-        for weight in (arch.embedding, arch.final_norm, arch.lm_head):
-            if weight in source.tensors:
-                self._materialize(self.model.get_submodule(weight.rsplit(".", 1)[0]), weight.rsplit(".", 1)[0] + ".")
-        if source.tied_embeddings:
-            self.model.tie_weights()
+        # the lm_head stays on meta: passes that need output logits project the final hidden states
+        # themselves (``OutputProjection``), in vocabulary chunks
+        self._materialize(self.model.get_submodule(arch.final_norm.rsplit(".", 1)[0]),
+                          arch.final_norm.rsplit(".", 1)[0] + ".")
+        embedding_module = arch.embedding.rsplit(".", 1)[0]
+        parent, _, child = embedding_module.rpartition(".")
+        original = self.model.get_submodule(embedding_module)
+        setattr(self.model.get_submodule(parent), child,
+                StoredDtypeEmbedding(source.load_stored(arch.embedding).to(self.device), original.padding_idx, dtype))
         rotary = self.model.get_submodule(arch.rotary_module)
         parent, _, child = arch.rotary_module.rpartition(".")
         setattr(self.model.get_submodule(parent), child, type(rotary)(config=config).to(self.device))
@@ -48,22 +60,167 @@ class BlockStreamer:
     def release_block(self, index: int) -> None:
         self.blocks[index].to("meta")
 
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.get_submodule(self.source.arch.final_norm.rsplit(".", 1)[0])
+
+
+class StoredDtypeEmbedding(nn.Module):
+    """An embedding kept in the checkpoint's dtype whose looked-up rows come out in ``dtype``: the same values
+    as a float32 copy of the table (bf16 and fp16 widen exactly), at half its memory."""
+
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.padding_idx, self.dtype = padding_idx, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight, self.padding_idx).to(self.dtype)
+
+
+class ActivationStore:
+    """One activation tensor per row, kept in memory."""
+
+    def __init__(self) -> None:
+        self._rows: dict[int, torch.Tensor] = {}
+
+    def write(self, index: int, value: torch.Tensor) -> None:
+        self._rows[index] = value
+
+    def read(self, index: int) -> torch.Tensor:
+        return self._rows[index]
+
+    def close(self) -> None:
+        self._rows.clear()
+
+
+class FileStore(ActivationStore):
+    """Rows of one shape, float32, in a scratch file: written and read with plain file calls (no memory map,
+    so the rows never count towards the process's memory)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]):
+        super().__init__()
+        self.path, self.shape = path, shape
+        self.row_bytes = 4 * int(torch.Size(shape).numel())
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def write(self, index: int, value: torch.Tensor) -> None:
+        data = value.detach().to("cpu", torch.float32).contiguous().reshape(self.shape).numpy().tobytes()
+        os.pwrite(self._fd, data, index * self.row_bytes)
+
+    def read(self, index: int) -> torch.Tensor:
+        data = bytearray(os.pread(self._fd, self.row_bytes, index * self.row_bytes))
+        return torch.frombuffer(data, dtype=torch.float32).reshape(self.shape)
+
+    def close(self) -> None:
+        os.close(self._fd)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _same_kwargs(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for key, value in a.items():
+        other = b[key]
+        if isinstance(value, torch.Tensor) or isinstance(other, torch.Tensor):
+            if not (isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor) and value.shape == other.shape
+                    and torch.equal(value, other)):
+                return False
+        elif isinstance(value, tuple) and isinstance(other, tuple):
+            if not _same_kwargs(dict(enumerate(value)), dict(enumerate(other))):
+                return False
+        elif value is not other and value != other:
+            return False
+    return True
+
 
 @torch.no_grad()
-def streamed_logits(streamer: BlockStreamer, ids: torch.Tensor, progress: bool = False) -> list[torch.Tensor]:
-    """Logits of each row of ``ids``, computed block by block (one block in memory at a time)."""
+def capture_rows(streamer: BlockStreamer, ids: torch.Tensor, store: ActivationStore) -> list[dict]:
+    """Each row's input to the first block into ``store``; returns each row's keyword arguments (rows with
+    equal ones share one dict: position embeddings are the same for every row of one length)."""
+    captured: list[tuple] = []
+
+    def hook(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = streamer.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    kwargs_per_row: list[dict] = []
+    try:
+        for index, row in enumerate(ids):
+            with contextlib.suppress(_StopForward):
+                streamer.model(input_ids=row[None].to(streamer.device), use_cache=False)
+            args, kwargs = captured.pop()
+            if len(args) != 1:
+                raise RuntimeError(f"the first block took {len(args)} positional arguments; expected the hidden states")
+            store.write(index, args[0])
+            previous = kwargs_per_row[-1] if kwargs_per_row else None
+            kwargs_per_row.append(previous if previous is not None and _same_kwargs(previous, kwargs) else kwargs)
+    finally:
+        handle.remove()
+    return kwargs_per_row
+
+
+BlockHook = Callable[[int, nn.Module], Callable[[], None]]
+
+
+@torch.no_grad()
+def run_blocks(streamer: BlockStreamer, ids: torch.Tensor, store: ActivationStore, progress: bool = False,
+               on_block: BlockHook | None = None, label: str = "blocks") -> None:
+    """Run every row of ``ids`` through all blocks, one block in memory at a time, and leave each row's
+    final hidden state, after the final norm, in ``store``.
+
+    ``on_block(index, block)``, if given, is called with each loaded block before its rows run (to attach
+    hooks) and returns a function called after them (to detach them).
+    """
     from tqdm import tqdm
 
-    from quantkit.sequential import block_output, capture_block_inputs
+    from quantkit.sequential import block_output
 
-    arch = streamer.source.arch
-    model = streamer.model
-    inputs = capture_block_inputs(model, streamer.blocks[0], ids.to(streamer.device))
-    for index in tqdm(range(len(streamer.blocks)), desc="reference", unit="block", disable=not progress,
-                      leave=False):
+    kwargs = capture_rows(streamer, ids, store)
+    for index in tqdm(range(len(streamer.blocks)), desc=label, unit="block", disable=not progress, leave=False):
         block = streamer.load_block(index)
-        inputs = [((block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
-        streamer.release_block(index)
-    norm = model.get_submodule(arch.final_norm.rsplit(".", 1)[0])
-    head = model.get_output_embeddings()
-    return [head(norm(args[0]))[0].float().cpu() for args, _ in inputs]
+        done = on_block(index, block) if on_block else None
+        try:
+            for row in range(len(ids)):
+                hidden = store.read(row).to(streamer.device)
+                store.write(row, block_output(block(hidden, **kwargs[row])))
+        finally:
+            if done:
+                done()
+            streamer.release_block(index)
+    norm = streamer.final_norm
+    for row in range(len(ids)):
+        store.write(row, norm(store.read(row).to(streamer.device)))
+
+
+class OutputProjection:
+    """Logits from final hidden states through the model's output matrix (the lm_head, or the tied
+    embedding), kept in the checkpoint's dtype and multiplied in float32, a vocabulary chunk at a time."""
+
+    VOCAB_CHUNK = 16384
+
+    def __init__(self, source: ModelSource):
+        name = source.arch.embedding if source.tied_embeddings else source.arch.lm_head
+        self.weight = source.load_stored(name)  # the stored dtype: bf16 checkpoints keep half the memory
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.float()
+        parts = [hidden @ self.weight[start : start + self.VOCAB_CHUNK].float().T
+                 for start in range(0, self.weight.shape[0], self.VOCAB_CHUNK)]
+        return torch.cat(parts, dim=-1)
+
+
+@torch.no_grad()
+def streamed_logits(streamer: BlockStreamer, ids: torch.Tensor, progress: bool = False) -> Iterator[torch.Tensor]:
+    """Logits of each row of ``ids``, computed block by block (one block in memory at a time)."""
+    store = ActivationStore()
+    run_blocks(streamer, ids, store, progress, label="reference")
+    head = OutputProjection(streamer.source)
+    for row in range(len(ids)):
+        yield head(store.read(row)[0]).cpu()

@@ -118,6 +118,14 @@ class Target(ABC):
         """Lines for the report about choices made while exporting (e.g. type fallbacks)."""
         return []
 
+    def remedies(self, recipe: Recipe) -> list[str]:
+        """What to try when this artifact fails its accuracy gate."""
+        tips = []
+        if recipe.method == "rtn":
+            tips.append("--method gptq (or awq): they learn from --calib text and usually close most of the gap")
+        tips.append(f"more bits (--bits {min(recipe.bits + 1, 8)}) or smaller groups (--group-size 64 or 32)")
+        return tips
+
     def verify_tokenizer(self, path: Path, tokenizer, texts: list[str]) -> dict | None:
         """Compare the runtime's tokenization with the Hugging Face tokenizer's, if it has one."""
         return None

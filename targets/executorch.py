@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from quantkit.errors import QuantkitError
 from quantkit.grids import PER_CHANNEL, PER_TENSOR, IntGrid, QuantizedWeight
+from quantkit.quiet import silenced
 from quantkit.recipe import Recipe
 from quantkit.targets.base import ExportContext, Target
 
@@ -267,7 +268,8 @@ class ExecuTorchTarget(Target):
 
     def export(self, ctx: ExportContext, path: Path) -> None:
         model = quantized_model(ctx, self.grid(ctx.recipe))
-        program, self.delegation = lower_to_xnnpack(model, ctx.recipe.seq_len)
+        with silenced():
+            program, self.delegation = lower_to_xnnpack(model, ctx.recipe.seq_len)
         if self.delegation.linears_delegated < self.delegation.linears_total:
             missing = self.delegation.linears_total - self.delegation.linears_delegated
             raise QuantkitError(f"XNNPACK did not take {missing} of {self.delegation.linears_total} linears of "
@@ -304,5 +306,10 @@ def load_forward(path: Path):
         from executorch.runtime import Runtime
     except ImportError:
         raise QuantkitError(f"checking {path.name} needs the ExecuTorch runtime; {INSTALL_HINT}") from None
-    program = Runtime.get().load_program(path)
-    return program.load_method("forward")
+    with silenced():  # the runtime's native cpuinfo probe prints to stderr
+        program = Runtime.get().load_program(path)
+        method = program.load_method("forward")
+        # a first run initialises the XNNPACK delegate, which probes too
+        sizes = tuple(method.metadata.input_tensor_meta(0).sizes())
+        method.execute([torch.zeros(sizes, dtype=torch.long)])
+    return method

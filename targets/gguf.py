@@ -22,7 +22,6 @@ from tqdm import tqdm
 
 from quantkit.errors import QuantkitError
 from quantkit.grids import GGUF_GRIDS, GGUFBlockGrid, Grid, QuantizedWeight
-from quantkit.methods import METHODS
 from quantkit.model import ROW_CHUNK_BYTES, ModelSource
 from quantkit.recipe import Recipe
 from quantkit.sequential import GridPlan
@@ -61,6 +60,17 @@ def rope_row_order(rows: int, n_heads: int) -> torch.Tensor:
     """Row order that turns HF's half-split rope layout into ggml's interleaved pairs, per head."""
     head_dim = rows // n_heads
     return torch.arange(rows).reshape(n_heads, 2, head_dim // 2).transpose(1, 2).reshape(-1)
+
+
+def fallback_note(row_length: int, wanted: str, written: str, names: list[str]) -> str:
+    """One report line for every tensor that fell back from ``wanted`` to ``written``, blocks summarised."""
+    kinds: dict[str, int] = {}
+    for name in names:
+        kind = name.split(".")[2] if name.startswith("blk.") else name.removesuffix(".weight")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    listed = ", ".join(f"{kind} x{count}" if count > 1 else kind for kind, count in kinds.items())
+    return (f"{len(names)} matri{'ces' if len(names) > 1 else 'x'} with rows of {row_length} do not fit {wanted}'s "
+            f"blocks; written as {written}, as llama.cpp does ({listed})")
 
 
 def _rope_rows(rows, head_dim: int):
@@ -172,7 +182,7 @@ class GGUFTarget(Target):
         n_kv = cfg.get("num_key_value_heads") or n_head
         chooser = self.chooser(source, recipe)
         float_type = GGMLType[self.file_type.base] if chooser is None else GGMLType.F16
-        fallbacks: list[str] = []
+        fallbacks: dict[tuple[int, str, str], list[str]] = {}  # (row length, wanted, written) -> names
         decided: dict[str, list[str]] = {}  # option -> tensors it typed
         chosen_names: list[str] = []
 
@@ -187,8 +197,7 @@ class GGUFTarget(Target):
             if choice.by:
                 decided.setdefault(choice.by, []).append(name)
             if choice.fallback_from:
-                fallbacks.append(f"{name}: rows of {shape[1]} do not fit {choice.fallback_from}; "
-                                 f"written as {choice.type}")
+                fallbacks.setdefault((shape[1], choice.fallback_from, choice.type), []).append(name)
             return PlannedTensor(name, hf, shape, GGMLType[choice.type], GGUF_GRIDS.get(choice.type), rope_heads)
 
         plan = [entry(arch.embedding, "token_embd.weight")]
@@ -208,7 +217,7 @@ class GGUFTarget(Target):
             plan.append(entry(arch.lm_head, "output.weight"))
         if chooser is not None and chosen_names:
             check_overrides_used(chooser, chosen_names, decided)
-        self._notes = override_notes(decided) + fallbacks
+        self._notes = override_notes(decided) + [fallback_note(*key, names) for key, names in fallbacks.items()]
         return plan
 
     def validate(self, ctx: ExportContext) -> None:
@@ -218,21 +227,8 @@ class GGUFTarget(Target):
         if needing and not chooser.facts.imatrix:
             raise QuantkitError(f"gguf:{self.type_name} needs an importance matrix: llama.cpp builds its Q2_K block "
                                 f"matrices ({needing[0]}, ...) only from one; pass --imatrix or use gguf:Q2_K")
-        if not METHODS[ctx.recipe.method].per_linear_grids:
-            self._check_one_grid(plan, ctx)
         _rope_theta(ctx.source.config)
-        read_vocab(ctx.source.path, _tokenizer_config(ctx.source.path))
-
-    def _check_one_grid(self, plan: list[PlannedTensor], ctx: ExportContext) -> None:
-        """Block-wise methods (AWQ) quantize every block linear on one grid (embedding and output are rounded
-        to nearest)."""
-        base = self.file_type.base
-        odd = [t for t in self._block_linears(plan, ctx.source) if t.grid.name != base]
-        if odd:
-            raise QuantkitError(
-                f"gguf:{self.type_name} types {odd[0].gguf_name} {odd[0].ggml_type.name} beside {base} block "
-                f"linears, and --method {ctx.recipe.method} needs one grid in the blocks; use --method rtn or gptq, "
-                f"or --pure (every matrix {base}) with --method {ctx.recipe.method}")
+        read_vocab(ctx.source.path, _tokenizer_config(ctx.source.path), _embedding_rows(ctx.source))
 
     @staticmethod
     def _block_linears(plan: list[PlannedTensor], source: ModelSource) -> list[PlannedTensor]:
@@ -310,7 +306,7 @@ class GGUFTarget(Target):
         w.add_vocab_size(_hparam(cfg, "vocab_size"))
         w.add_file_type(self.file_type.ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        vocab = read_vocab(source.path, _tokenizer_config(source.path))
+        vocab = read_vocab(source.path, _tokenizer_config(source.path), _embedding_rows(source))
         w.add_tokenizer_model(vocab.model)
         w.add_tokenizer_pre(vocab.pre)
         w.add_token_list(vocab.tokens)
@@ -333,28 +329,97 @@ class GGUFTarget(Target):
     def _load(self, path: Path, n_ctx: int):
         return load_llama(path, n_ctx)
 
-    def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:
+    def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[RowLogits]:
+        """Each row's logits, decoded by llama.cpp as positions are asked for (``np.asarray`` for all of them);
+        valid until the next row is asked for."""
         llm = self._load(path, ids.shape[1])
         try:
             for row in tqdm(ids, desc=f"llama.cpp {path.name}", unit="seq", disable=not progress, leave=False):
-                llm.reset()
-                llm.eval(row.tolist())
-                yield np.array(llm.scores[: len(row)], dtype=np.float32)
+                yield RowLogits(llm, row.tolist())
         finally:
             llm.close()
 
+    def remedies(self, recipe: Recipe) -> list[str]:
+        tips = []
+        if recipe.method == "rtn":
+            tips.append("--method gptq (learns from --calib text; the largest gain at 4 bits and below)")
+            if recipe.imatrix == "none":
+                tips.append("--imatrix calib (llama.cpp's importance matrix, from --calib text)")
+        more = MORE_BITS.get(self.file_type.name)
+        if more:
+            tips.append(f"a file type with more bits, e.g. gguf:{more}")
+        return tips
+
     def verify_tokenizer(self, path: Path, tokenizer, texts: list[str]) -> dict:
         llm = self._load(path, 64)
-        mismatched, tokens = 0, 0
+        mismatched, tokens, first = 0, 0, None
         try:
             for text in texts:
-                ours = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-                theirs = tokenizer.encode(text, add_special_tokens=False)
+                ours = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+                theirs = list(tokenizer.encode(text, add_special_tokens=False))
                 tokens += len(theirs)
-                mismatched += int(list(ours) != list(theirs))
+                if ours != theirs:
+                    mismatched += 1
+                    first = first or _first_difference(text, theirs, ours, tokenizer)
         finally:
             llm.close()
-        return {"texts": len(texts), "tokens": tokens, "mismatched_texts": mismatched, "match": mismatched == 0}
+        result = {"texts": len(texts), "tokens": tokens, "mismatched_texts": mismatched, "match": mismatched == 0}
+        if first:
+            result["first_mismatch"] = first
+        return result
+
+
+# The next file type up, suggested when an artifact fails its gate.
+MORE_BITS = {"Q2_K": "Q3_K_M", "Q2_K_S": "Q3_K_M", "Q3_K_S": "Q3_K_M", "Q3_K_M": "Q4_K_M", "Q3_K_L": "Q4_K_M",
+             "Q4_0": "Q4_K_M", "Q4_1": "Q5_K_M", "Q4_K_S": "Q4_K_M", "Q4_K_M": "Q5_K_M", "Q5_0": "Q5_K_M",
+             "Q5_1": "Q6_K", "Q5_K_S": "Q5_K_M", "Q5_K_M": "Q6_K", "Q6_K": "Q8_0"}
+CONTEXT_TOKENS = 4  # tokens shown on either side of the first difference
+UBATCH = 128
+
+
+def _first_difference(text: str, hf: list[int], runtime: list[int], tokenizer) -> dict:
+    """The first position where the two tokenizations part, with a few tokens either side, as strings."""
+    at = next((i for i, (a, b) in enumerate(zip(hf, runtime, strict=False)) if a != b), min(len(hf), len(runtime)))
+    lo = max(0, at - CONTEXT_TOKENS)
+
+    def window(ids: list[int]) -> list[str]:
+        return [tokenizer.decode([i]) for i in ids[lo : at + CONTEXT_TOKENS]]
+
+    prefix = tokenizer.decode(hf[:lo])
+    snippet = tokenizer.decode(hf[lo : at + CONTEXT_TOKENS])
+    return {"text": snippet, "offset": len(prefix), "hf": window(hf), "runtime": window(runtime)}
+
+
+class RowLogits:
+    """One row's logits from llama.cpp, decoded through its KV cache as positions are asked for, in order.
+
+    ``Llama.eval`` decodes the whole row and copies every position's logits into its ``scores`` array, and
+    llama.cpp's output buffer holds them all too: two positions x vocabulary float buffers, the largest of a
+    run. Here each slice decodes just the tokens it needs (continuing the cache) and is a view of llama.cpp's
+    output buffer, which then holds one slice. This drives the same internals ``eval`` does
+    (llama-cpp-python 0.3.36's ``_ctx`` / ``_batch``) and leaves ``scores`` untouched.
+    """
+
+    def __init__(self, llm, tokens: list[int]):
+        self.llm, self.tokens, self.decoded = llm, tokens, 0
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, positions: slice) -> np.ndarray:
+        start, stop, step = positions.indices(len(self.tokens))
+        if step != 1 or start != self.decoded or stop <= start:
+            raise IndexError(f"positions must be asked for in order: {self.decoded}: next, got {start}:{stop}")
+        self.llm._batch.set_batch(batch=self.tokens[start:stop], n_past=start, logits_all=True)
+        self.llm._ctx.decode(self.llm._batch)
+        self.decoded = stop
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(stop - start, self.llm.n_vocab()))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """The positions not asked for yet (all of them, on a fresh row), decoded and copied."""
+        return np.array(self[self.decoded :], dtype=dtype)
 
 
 @contextmanager
@@ -389,10 +454,16 @@ def load_llama(path: Path, n_ctx: int):
         raise QuantkitError("llama-cpp-python is not installed; pip install 'quantkit[llama]'") from None
     try:
         with _without_extra_buffer_types():
-            return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+            # micro-batches of 128 tokens: the compute buffer holds one micro-batch's logits (same results and
+            # speed as one 512-token micro-batch, measured; 76 MB less at a 49k vocabulary)
+            return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, UBATCH), logits_all=True,
                          verbose=False, n_threads=os.cpu_count() or 1, seed=0)
     except ValueError as exc:
         raise QuantkitError(f"llama.cpp could not load {path} ({exc}); inspect it with 'quantkit inspect'") from None
+
+
+def _embedding_rows(source: ModelSource) -> int:
+    return source.tensors[source.arch.embedding].shape[0]
 
 
 def _tokenizer_config(model_dir: Path) -> dict:

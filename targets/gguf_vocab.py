@@ -76,7 +76,24 @@ def detect_pre_tokenizer(pre: dict | None) -> str:
     )
 
 
-def read_vocab(model_dir: Path, tokenizer_config: dict | None = None) -> GGUFVocab:
+def read_vocab(model_dir: Path, tokenizer_config: dict | None = None, vocab_size: int | None = None) -> GGUFVocab:
+    """The GGUF vocabulary of ``model_dir``'s tokenizer.json; with ``vocab_size`` (the embedding's rows) the
+    token list is padded to it, as llama.cpp's converter does for models whose embedding has spare rows."""
+    vocab = _read_vocab(model_dir, tokenizer_config)
+    if vocab_size is None or len(vocab.tokens) == vocab_size:
+        return vocab
+    if len(vocab.tokens) > vocab_size:
+        raise QuantkitError(f"tokenizer.json has {len(vocab.tokens)} tokens but the model's embedding has "
+                            f"{vocab_size} rows; use the tokenizer that belongs to this checkpoint")
+    spare = range(len(vocab.tokens), vocab_size)
+    vocab.tokens += [f"[PAD{i}]" for i in spare]
+    vocab.token_types += [TOKEN_UNUSED if vocab.scores is not None else TOKEN_USER_DEFINED] * len(spare)
+    if vocab.scores is not None:
+        vocab.scores += [min(vocab.scores, default=0.0)] * len(spare)
+    return vocab
+
+
+def _read_vocab(model_dir: Path, tokenizer_config: dict | None) -> GGUFVocab:
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         raise QuantkitError(f"{model_dir} has no tokenizer.json; GGUF export needs the fast tokenizer file")

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from quantkit.errors import QuantkitError
 from quantkit.grids import Grid, IntGrid, QuantizedWeight
+from quantkit.quiet import silenced
 from quantkit.recipe import Recipe
 from quantkit.targets.base import ExportContext, Target
 
@@ -116,8 +117,8 @@ def hf_logits(path: Path, ids: torch.Tensor, progress: bool) -> Iterator[np.ndar
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
     hf_logging.disable_progress_bar()
     try:
-        # gptqmodel prints banners and logs on stdout; keep stdout clean for --json
-        with contextlib.redirect_stdout(sys.stderr):
+        # gptqmodel prints banners and logs on stdout; keep stdout clean for --json (and quiet runs silent)
+        with contextlib.redirect_stdout(sys.stderr), silenced():
             # fp32 activations: what a CPU deployment runs; the packed weights are decoded by the backend
             model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32)
     except ImportError as exc:

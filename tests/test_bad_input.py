@@ -82,8 +82,17 @@ def test_nan_or_inf_in_weights(capsys, out_dir, tiny_llama, bad_value):
 
 
 def test_group_size_not_dividing_a_row(capsys, out_dir, tiny_llama):
-    err = run_bad(capsys, out_dir, str(tiny_llama), "--group-size", "96")
-    assert "group size 96 does not divide the row length 128" in err
+    err = run_bad(capsys, out_dir, str(tiny_llama), "--group-size", "96", "--targets", "gguf:Q8_0,hf-gptq")
+    assert "group size 96 does not divide the row length 128" in err and "the grid of hf-gptq" in err
+
+
+def test_group_size_is_not_checked_for_gguf_only_runs(capsys, tmp_path, tiny_llama):
+    """GGUF types fix their own blocks: --group-size (default 128) must not stop a GGUF-only run."""
+    out = tmp_path / "gguf-only"
+    code = main(["ship", str(tiny_llama), "--group-size", "96", "--targets", "gguf:F32,gguf:Q8_0", "--out", str(out),
+                 "--no-verify", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model-F32.gguf", "model-Q8_0.gguf"]
 
 
 @pytest.mark.parametrize("spec,expected", [("tflite", "unknown target 'tflite'"),
@@ -111,7 +120,7 @@ def test_existing_artifact_is_not_overwritten(capsys, out_dir, tiny_llama):
 
 def test_weights_untouched_by_a_failed_run(capsys, out_dir, tiny_llama):
     before = {p.name: p.read_bytes() for p in tiny_llama.iterdir()}
-    run_bad(capsys, out_dir, str(tiny_llama), "--group-size", "96")
+    run_bad(capsys, out_dir, str(tiny_llama), "--group-size", "96", "--targets", "hf-gptq")
     assert {p.name: p.read_bytes() for p in tiny_llama.iterdir()} == before
     assert torch.is_tensor(load_file(tiny_llama / "model.safetensors")["model.norm.weight"])
 
@@ -133,10 +142,3 @@ def test_cuda_requested_without_a_gpu(capsys, out_dir, tiny_llama, monkeypatch):
 ])
 def test_grid_a_target_cannot_store(capsys, out_dir, tiny_llama, argv, expected):
     assert expected in run_bad(capsys, out_dir, str(tiny_llama), *argv)
-
-
-def test_mix_with_a_calibrated_method_is_refused(capsys, out_dir):
-    code = main(["ship", "--targets", "gguf:Q4_K_M", "--method", "awq", "--out", str(out_dir), "--quiet"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "needs one grid in the blocks" in err and "--method rtn or gptq" in err
-    assert sorted(p.name for p in out_dir.iterdir()) == ["keep.txt"]

@@ -121,12 +121,17 @@ def test_llama_cpp_tokenizes_eval_text_like_hf(default_f32):
     assert check["mismatched_texts"] == 0
 
 
+def first_row_logits(target: str, path: Path, ids: torch.Tensor) -> np.ndarray:
+    rows = parse_target(target).logits(path, ids, progress=False)  # held: the runtime lives as long as it does
+    return np.asarray(next(rows))
+
+
 def _max_logit_error(model_dir, gguf_path: Path, seq_len: int = 64) -> tuple[float, float]:
     src = ModelSource(model_dir)
     ids = torch.randint(1, src.config["vocab_size"], (1, seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = src.hf_model()(input_ids=ids).logits[0].numpy()
-    ours = next(parse_target("gguf:F32").logits(gguf_path, ids, progress=False))
+    ours = first_row_logits("gguf:F32", gguf_path, ids)
     return float(np.abs(ours - ref).max()), float(np.abs(ref).max())
 
 
@@ -186,8 +191,8 @@ def test_unknown_pre_tokenizer_is_refused(tiny_llama, tmp_path):
 def test_every_type_loads_and_tracks_f32_in_llama_cpp(default_f32, tmp_path, gguf_type):
     path = export(None, gguf_type, tmp_path / f"{gguf_type}.gguf")
     ids = torch.randint(1, 4096, (1, 128), generator=torch.Generator().manual_seed(2))
-    ref = next(parse_target("gguf:F32").logits(default_f32, ids, progress=False))
-    got = next(parse_target(f"gguf:{gguf_type}").logits(path, ids, progress=False))
+    ref = first_row_logits("gguf:F32", default_f32, ids)
+    got = first_row_logits(f"gguf:{gguf_type}", path, ids)
     agreement = (ref.argmax(-1) == got.argmax(-1)).mean()
     # 16-bit files hold the bf16 weights exactly (F16: within its range); llama.cpp rounds activations
     # to 16 bits for those matmuls, so they agree almost always; 4-5 bit types agree less often.
@@ -222,7 +227,9 @@ def test_mix_falls_back_for_rows_that_do_not_fit(tiny_models, tmp_path):
     src = ModelSource(tiny_models["llama"])
     plan = {t.gguf_name: t.ggml_type.name for t in target.plan(src, Recipe())}
     assert plan["blk.0.attn_q.weight"] == "Q5_0" and plan["output.weight"] == "Q8_0"
-    assert any("blk.0.attn_q.weight: rows of 128 do not fit Q4_K; written as Q5_0" in n for n in target.notes())
+    q4_k = [n for n in target.notes() if "with rows of 128 do not fit Q4_K's blocks; written as Q5_0" in n]
+    assert len(q4_k) == 1 and "token_embd, attn_q x2, attn_k x2" in q4_k[0], target.notes()
+    assert any("do not fit Q6_K's blocks; written as Q8_0, as llama.cpp does (attn_v)" in n for n in target.notes())
 
 
 OVERRIDES = ((r"attn_v", "Q8_0"), (r"blk\.0\..*", "Q6_K"), (r"ffn_(up|gate)", "Q5_0"))
@@ -259,7 +266,6 @@ def test_overrides_are_reported(tmp_path):
     (dict(tensor_types=["atn_v=Q8_0"]), "--tensor-type atn_v=Q8_0 matches no quantizable tensor"),
     (dict(tensor_types=["attn=Q8_0", "attn_v=Q6_K"]), "--tensor-type attn_v=Q6_K decides no tensor"),
     (dict(tensor_types=["attn_norm=Q8_0"]), "matches no quantizable tensor"),  # norms stay F32, as in llama.cpp
-    (dict(method="awq", tensor_types=["attn_v=Q8_0"]), "--method awq needs one grid in the blocks"),
 ])
 def test_override_that_cannot_apply_is_refused_before_work(recipe, message):
     from quantkit.errors import QuantkitError

@@ -60,9 +60,20 @@ def test_gptq_bytes_decode_in_ggml_to_gptq_weights(layer, gguf_type, static):
     np.testing.assert_array_equal(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[gguf_type]), expected)
 
 
+SHIP = dict(targets=["gguf:Q4_K_M"], exclude=EXCLUDED, eval_samples=4, calib_samples=8, seq_len=256,
+            progress=False, verbose=False)
+
+
 @pytest.fixture(scope="module")
-def q4_k_m_gptq(tmp_path_factory):
-    """A GPTQ Q4_K_M file of the embedded model, with every QuantizedWeight the pipeline handed the target."""
+def q4_k_m_rtn(tmp_path_factory):
+    """Round-to-nearest on the same file type and tensors: the bound the calibrated methods must beat."""
+    return quantkit.ship(out=tmp_path_factory.mktemp("kq") / "rtn", method="rtn", **SHIP)
+
+
+@pytest.fixture(scope="module", params=["gptq", "awq"])
+def q4_k_m_gptq(request, tmp_path_factory):
+    """A GPTQ (AWQ) Q4_K_M file of the embedded model, with every QuantizedWeight the pipeline handed the target:
+    a file type that puts some block linears on Q6_K, quantized in one layer-by-layer pass."""
     recorded = {}
     original = WeightQuantizer.quantize
 
@@ -74,20 +85,22 @@ def q4_k_m_gptq(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(WeightQuantizer, "quantize", recording)
     try:
-        # no embedding or output (4096 rows each): k-quant fits run in Python loops
-        result = quantkit.ship(out=tmp_path_factory.mktemp("kq") / "gptq", targets=["gguf:Q4_K_M"], method="gptq",
-                               exclude=EXCLUDED, eval_samples=4, calib_samples=8, seq_len=256, progress=False,
-                               verbose=False)
+        # embedding and output excluded: the file then holds only what the method quantized (and F16)
+        result = quantkit.ship(out=tmp_path_factory.mktemp("kq") / request.param, method=request.param, **SHIP)
     finally:
         mp.undo()
     return result, recorded
 
 
-def test_gptq_q4_k_m_runs_in_llama_cpp(q4_k_m_gptq):
+def test_gptq_q4_k_m_runs_in_llama_cpp_and_beats_rtn(q4_k_m_gptq, q4_k_m_rtn):
     result, _ = q4_k_m_gptq
-    art = result.artifacts[0]
+    art, rtn = result.artifacts[0], q4_k_m_rtn.artifacts[0]
     assert result.ok and art.tokenizer_check["match"]
-    assert art.metrics["kld"] < 0.02  # round-to-nearest Q4_K_M measures 0.004 on 16 k tokens
+    if result.manifest["recipe"]["method"] == "gptq":
+        assert art.metrics["kld"] < rtn.metrics["kld"], (art.metrics, rtn.metrics)
+    else:  # AWQ has no clip search on k-quants (their fits pick their own codes); on this 5M model it lands near
+        # round-to-nearest (KLD 0.0029 vs 0.0027 measured), well ahead of it on SmolLM2 (README)
+        assert art.metrics["kld"] < 1.25 * rtn.metrics["kld"], (art.metrics, rtn.metrics)
 
 
 def test_gptq_q4_k_m_file_holds_gptq_weights_on_each_tensors_grid(q4_k_m_gptq):

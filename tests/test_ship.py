@@ -1,6 +1,7 @@
 """End to end: `quantkit ship` on the embedded model, artifacts scored from llama.cpp's logits."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -68,7 +69,53 @@ def test_json_output_and_gate_rejection(tmp_path, capsys):
     assert art["verdict"] == "rejected" and art["failures"][0].startswith("KLD")
     assert art["path"] == "rejected/model-Q4_0.gguf" and (out / art["path"]).is_file()
     assert not (out / "model-Q4_0.gguf").exists()
-    assert "REJECTED" in captured.err and "failed their accuracy gate" in captured.err
+    assert "REJECTED: KLD" in captured.err and "model-Q4_0.gguf failed its accuracy gate: KLD" in captured.err
+    assert "mean KL divergence of the next-token distribution" in captured.err  # what the number means
+    assert "try: --method gptq" in captured.err and "--imatrix calib" in captured.err  # what to try
+    assert art["remedies"] and "gguf:Q4_K_M" in art["remedies"][-1]
+
+
+def test_default_targets_are_what_users_ship():
+    from quantkit.cli import build_parser
+
+    args = build_parser().parse_args(["ship"])
+    assert args.targets == ["gguf:Q4_K_M", "gguf:Q8_0"] and args.verify is True
+
+
+def test_no_verify_exports_without_checking(tmp_path, capsys, monkeypatch):
+    from quantkit import reference
+    from quantkit.targets.gguf import GGUFTarget
+
+    def never(*_a, **_k):
+        raise AssertionError("--no-verify must not compute a reference or run the artifact")
+
+    monkeypatch.setattr(reference.Reference, "__init__", never)
+    monkeypatch.setattr(GGUFTarget, "logits", never)
+    out = tmp_path / "unchecked"
+    assert main(["ship", "--targets", "gguf:Q4_K_M", "--out", str(out), "--no-verify", "--json", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    manifest = json.loads(captured.out)
+    assert manifest["verified"] is False and manifest["reference"] is None and manifest["data"]["eval"] is None
+    art = manifest["artifacts"][0]
+    assert art["verdict"] == "unverified" and art["metrics"] is None and art["gate"] is None
+    assert (out / "model-Q4_K_M.gguf").stat().st_size == art["bytes"]
+    assert "not checked (--no-verify)" in captured.err
+
+
+def test_internal_failure_is_one_line_and_a_log(tmp_path, capsys, monkeypatch):
+    from quantkit.targets.gguf import GGUFTarget
+
+    def broken(*_a, **_k):
+        raise RuntimeError("something inside broke\nsecond line")
+
+    monkeypatch.setattr(GGUFTarget, "export", broken)
+    out = tmp_path / "never"
+    code = main(["ship", "--targets", "gguf:Q8_0", "--out", str(out), "--no-verify", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and "\n" not in err and err.startswith("error: internal failure (RuntimeError: something")
+    log = Path(err.split("details in ")[1].split(";")[0]).read_text()
+    assert "Traceback" in log and "something inside broke" in log
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []  # nothing half-written
 
 
 def test_python_api(tmp_path):

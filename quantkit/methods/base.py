@@ -17,9 +17,6 @@ class Method(ABC):
     # Sequential methods learn from the inputs each layer sees once earlier layers are quantized,
     # so their statistics are gathered layer by layer, per grid (see quantkit.sequential).
     sequential: bool = False
-    # Whether each linear of a block may sit on its own grid (GPTQ rounds each linear alone; AWQ
-    # searches scales shared by several linears on one grid).
-    per_linear_grids: bool = False
 
     @classmethod
     def from_recipe(cls, recipe) -> Method:

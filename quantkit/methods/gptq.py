@@ -168,7 +168,6 @@ class GPTQ(Method):
     name = "gptq"
     needs_statistics = True
     sequential = True
-    per_linear_grids = True
 
     def __init__(self, config: GPTQConfig | None = None):
         self.config = config or GPTQConfig()

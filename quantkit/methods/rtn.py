@@ -11,7 +11,6 @@ from quantkit.methods.base import Method, grouped
 class RoundToNearest(Method):
     name = "rtn"
     needs_statistics = False
-    per_linear_grids = True
 
     def quantize_weight(self, weight: torch.Tensor, grid: Grid, stats: object | None = None,
                         importance: torch.Tensor | None = None) -> QuantizedWeight:
