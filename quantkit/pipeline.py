@@ -364,7 +364,7 @@ def _ship_one(target: Target, ctx: ExportContext, tmp: Path, check: Check | None
         if tokenizer_check is not None and not tokenizer_check["match"]:
             tokenizer_check["allowed"] = ctx.recipe.allow_tokenizer_mismatch
             if not ctx.recipe.allow_tokenizer_mismatch:
-                failures.append(tokenizer_failure(tokenizer_check))
+                failures.append(tokenizer_failure(tokenizer_check, target.runtime()["name"].split(" (")[0]))
     t2 = time.time()
     relative = Path(target.filename())
     if failures:
@@ -401,10 +401,10 @@ EXPLAINED = {
 TOKENIZER_FAILURE = "tokenizer:"
 
 
-def tokenizer_failure(check: dict) -> str:
+def tokenizer_failure(check: dict, runtime: str) -> str:
     first = check.get("first_mismatch") or {}
-    return (f"{TOKENIZER_FAILURE} the runtime tokenizes {check['mismatched_texts']} of {check['texts']} texts "
-            f"differently from tokenizer.json (no pre-tokenizer of the runtime reproduces its split rules); first "
+    return (f"{TOKENIZER_FAILURE} {runtime} tokenizes {check['mismatched_texts']} of {check['texts']} texts "
+            f"differently from tokenizer.json (no {runtime} pre-tokenizer reproduces its split rules); first "
             f"difference in {first.get('text', '')!r}: tokenizer.json {first.get('hf', [])} vs runtime "
             f"{first.get('runtime', [])}; not an accuracy failure: the numbers above are on tokenizer.json's ids. "
             "Pass --allow-tokenizer-mismatch to ship it anyway (recorded in the manifest)")

@@ -135,3 +135,37 @@ def test_overwrite_replaces_only_our_files(tmp_path):
         assert main(["ship", "--targets", "gguf:F16", "--out", str(out), "--eval-samples", "1", "--seq-len", "64",
                      "--overwrite", "--quiet"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model-F16.gguf", "notes.md"]
+
+
+def test_tokenizer_mismatch_is_reported_apart_from_accuracy(tiny_llama, tmp_path, capsys, monkeypatch):
+    """llama.cpp splitting text differently from tokenizer.json rejects the artifact as a tokenizer problem
+    (with the first difference shown), not as an accuracy failure; the override ships it and is recorded."""
+    from quantkit.targets import gguf_vocab
+
+    spec = json.loads((tiny_llama / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": gguf_vocab.LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (tiny_llama / "tokenizer.json").write_text(json.dumps(spec))
+    # a pre-tokenizer llama.cpp does not reproduce: its qwen2 rule splits digits one by one, Llama-3's in threes
+    monkeypatch.setitem(gguf_vocab.SPLIT_REGEX_PRE, gguf_vocab.LLAMA3_REGEX, "qwen2")
+    text = tmp_path / "eval.txt"
+    text.write_text("In 2024 the 12345 results were counted twice.\n" * 40)
+    args = ["ship", str(tiny_llama), "--targets", "gguf:F32", "--eval", str(text), "--eval-samples", "2",
+            "--seq-len", "64", "--quiet", "--json"]
+
+    assert main([*args, "--out", str(tmp_path / "strict")]) == 1
+    captured = capsys.readouterr()
+    art = json.loads(captured.out)["artifacts"][0]
+    assert art["verdict"] == "rejected" and len(art["failures"]) == 1 and art["failures"][0].startswith("tokenizer:")
+    assert art["metrics"]["kld"] < 1e-6  # the weights are fine: not an accuracy failure
+    first = art["tokenizer_check"]["first_mismatch"]
+    assert first["hf"] != first["runtime"] and "2024" in "".join(first["hf"]) and "2024" in first["text"]
+    assert "llama.cpp tokenizes 1 of 1 texts differently from tokenizer.json" in captured.err
+    assert "failed its accuracy gate" not in captured.err and "--allow-tokenizer-mismatch" in captured.err
+
+    assert main([*args, "--out", str(tmp_path / "allowed"), "--allow-tokenizer-mismatch"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    art = manifest["artifacts"][0]
+    assert art["verdict"] == "accepted" and art["tokenizer_check"]["allowed"] is True
+    assert manifest["recipe"]["allow_tokenizer_mismatch"] is True
