@@ -35,10 +35,12 @@ LLAMA_GGUF_NAMES = {
 
 @dataclass(frozen=True)
 class FoldPoint:
-    """A scale applied to the inputs of ``consumers`` can be folded into ``producer``'s output."""
+    """A scale applied to the inputs of ``consumers`` can be folded into ``producer``'s output; AWQ scores a
+    candidate scale on the output of ``inspect``, the smallest module that holds all the consumers."""
 
     producer: str
     consumers: tuple[str, ...]
+    inspect: str
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,10 @@ class Architecture:
     # Linears that carry a bias tensor (Qwen2's q/k/v).
     biased_linears: tuple[str, ...] = ()
     fold_points: tuple[FoldPoint, ...] = (
-        FoldPoint("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        FoldPoint("self_attn.v_proj", ("self_attn.o_proj",)),
-        FoldPoint("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        FoldPoint("mlp.up_proj", ("mlp.down_proj",)),
+        FoldPoint("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        FoldPoint("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+        FoldPoint("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        FoldPoint("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
     )
 
     def block(self, index: int) -> str:

@@ -3,9 +3,11 @@
 Per block, for each fold point of the architecture (a norm or linear whose output feeds a set of
 linears): measure the mean magnitude of every input channel, try scales s = magnitude^alpha for
 ``n_grid`` values of alpha in [0, 1), fake-quantize the consumers as Q(W * s) / s, and keep the alpha
-whose block output is closest to the unquantized block's. The chosen s is folded away exactly:
-the producer's output is divided by s and the consumers' inputs multiplied by s. Then each linear's
-clipping range is searched per group, and the weights are rounded on the grid.
+whose output of the fold's inspected module (attention for q/k/v, the MLP for gate/up, the linear
+itself for o_proj / down_proj, as AutoAWQ scores them) is closest to the unquantized one. The chosen s
+is folded away exactly: the producer's output is divided by s and the consumers' inputs multiplied by
+s, so the block computes what it did and the inputs captured once stay valid for every fold. Then
+each linear's clipping range is searched per group, and the weights are rounded on the grid.
 """
 
 from __future__ import annotations
@@ -65,8 +67,29 @@ def _mean_abs_input(block: nn.Module, consumer: str, job: BlockJob) -> torch.Ten
     return (total / max(count[0], 1)).float()
 
 
-def _block_error(job: BlockJob, reference: list[torch.Tensor]) -> float:
-    return sum(float(((out - ref) ** 2).mean()) for out, ref in zip(job.run(), reference, strict=True))
+ModuleCalls = list[tuple[tuple, dict, torch.Tensor]]  # (args, kwargs, output) of each call
+
+
+@torch.no_grad()
+def _capture_calls(job: BlockJob, modules: list[str]) -> dict[str, ModuleCalls]:
+    """Every call of each named module while the block runs on ``job``'s inputs, with its output."""
+    calls: dict[str, ModuleCalls] = {name: [] for name in modules}
+    handles = []
+    for name in modules:
+        def hook(_m, args, kwargs, out, name=name):
+            calls[name].append((args, kwargs, block_output(out)))
+        handles.append(job.block.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
+    try:
+        job.run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+@torch.no_grad()
+def _module_error(module: nn.Module, calls: ModuleCalls) -> float:
+    return sum(float(((block_output(module(*args, **kwargs)) - ref) ** 2).mean()) for args, kwargs, ref in calls)
 
 
 def _scale_producer(module: nn.Module, s: torch.Tensor) -> None:
@@ -91,9 +114,10 @@ def _mean_abs_weight(weights: list[tuple[torch.Tensor, Grid]]) -> torch.Tensor:
     return torch.cat(per_consumer).mean(0)
 
 
-def search_scale(job: BlockJob, consumers: list[str], quantized: list[str], reference: list[torch.Tensor],
+def search_scale(job: BlockJob, consumers: list[str], quantized: list[str], inspect: str, calls: ModuleCalls,
                  config: AWQConfig) -> torch.Tensor:
-    """The per-channel scale (from alpha in [0, 1)) whose fake-quantized block output errs least.
+    """The per-channel scale (from alpha in [0, 1)) whose fake-quantized ``inspect`` output errs least on
+    ``calls`` (that module's recorded inputs and unquantized outputs).
 
     s = x^alpha, or with ``duo_scaling`` s = x^alpha / w^(1 - alpha), where x and w are the mean
     input and (group-normalised) weight magnitudes per input channel.
@@ -113,7 +137,7 @@ def search_scale(job: BlockJob, consumers: list[str], quantized: list[str], refe
             s = s / (s.max() * s.min()).sqrt()
             for name, w in originals.items():
                 job.block.get_submodule(name).weight.copy_(fake_quantize(w * s, job.grid_of(name)) / s)
-            err = _block_error(job, reference)
+            err = _module_error(job.block.get_submodule(inspect), calls)
             if err < best_err:
                 best, best_err = s, err
     finally:
@@ -181,14 +205,14 @@ class AWQ(Method):
     @torch.no_grad()
     def quantize_block(self, job: BlockJob) -> SequentialResult:
         result = SequentialResult()
+        folds = [fold for fold in job.arch.fold_points if any(c in job.members for c in fold.consumers)
+                 and _fold_applies(job.block, fold.producer, list(fold.consumers))]
         search = replace(job, inputs=job.inputs[: self.config.search_rows])
-        reference = search.run()
-        for fold in job.arch.fold_points:
+        calls = _capture_calls(search, sorted({fold.inspect for fold in folds}))
+        for fold in folds:
             consumers = list(fold.consumers)
             quantized = [c for c in consumers if c in job.members]
-            if not quantized or not _fold_applies(job.block, fold.producer, consumers):
-                continue
-            s = search_scale(search, consumers, quantized, reference, self.config)
+            s = search_scale(search, consumers, quantized, fold.inspect, calls[fold.inspect], self.config)
             _fold(job, fold.producer, consumers, s)
             if fold.producer not in job.members:  # a norm: its rescaled weight goes into the artifact
                 result.replaced[f"{fold.producer}.weight"] = job.block.get_submodule(fold.producer).weight.clone()
