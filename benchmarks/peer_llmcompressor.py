@@ -1,10 +1,12 @@
 """One llm-compressor run for benchmarks/peers.py, executed with llm-compressor's own interpreter.
 
-    /path/to/llmcompressor-venv/bin/python benchmarks/peer_llmcompressor.py IDS.npz OUT.npz METHOD SCHEME ACT_ORDER
+    /path/to/llmcompressor-venv/bin/python benchmarks/peer_llmcompressor.py IDS.npz OUT.npz METHOD SCHEME ACT_ORDER \
+        [MODEL_DIR BITS GROUP_SIZE]
 
 llm-compressor 0.14 caps transformers at 5.17, so it lives in its own virtual environment (see
 ../shared/docs/stack.md). This script quantizes the embedded model from the calibration ids in
-IDS.npz, saves the compressed-tensors checkpoint, reloads it with transformers (which decodes
+IDS.npz (or MODEL_DIR on a BITS-bit, GROUP_SIZE grid), saves the compressed-tensors checkpoint,
+reloads it with transformers (which decodes
 compressed-tensors) and writes the evaluation logits and the quantization wall time to OUT.npz;
 peers.py scores them against the same reference as every other row. It imports nothing of quantkit.
 Act-order: llm-compressor 0.14's GPTQ accepts only "weight"/"static" ordering (columns reordered, groups
@@ -34,6 +36,8 @@ def _cpu_friendly_awq() -> None:
 
 def main() -> None:
     ids_path, out_path, method, scheme, act_order = sys.argv[1:6]
+    model_dir = Path(sys.argv[6]) if len(sys.argv) > 6 else MODEL
+    bits, group_size = (int(sys.argv[7]), int(sys.argv[8])) if len(sys.argv) > 8 else (4, 128)
     from datasets import Dataset
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
@@ -41,18 +45,21 @@ def main() -> None:
     ids = np.load(ids_path)
     calib, evals = ids["calib"], ids["eval"]
     dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": np.ones_like(calib).tolist()})
-    w_scheme = "W4A16" if scheme == "sym" else "W4A16_ASYM"
+    weights = {"num_bits": bits, "type": "int", "symmetric": scheme == "sym", "strategy": "group",
+               "group_size": group_size}
     if method == "gptq":
         from llmcompressor.modifiers.quantization import GPTQModifier
 
-        recipe = GPTQModifier(targets="Linear", scheme=w_scheme, ignore=["lm_head"], dampening_frac=0.01,
-                              actorder="weight" if act_order == "1" else None)
+        weights["actorder"] = "weight" if act_order == "1" else None
+        recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+                              ignore=["lm_head"], dampening_frac=0.01)
     else:
         from llmcompressor.modifiers.awq import AWQModifier
 
         _cpu_friendly_awq()
-        recipe = AWQModifier(targets=["Linear"], scheme=w_scheme, ignore=["lm_head"])
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+        recipe = AWQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+                             ignore=["lm_head"])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.time()
         oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=calib.shape[1],

@@ -1,7 +1,9 @@
-"""quantkit's GPTQ and AWQ against gptqmodel's (and quantkit's round-to-nearest), on the embedded model.
+"""quantkit's GPTQ and AWQ against gptqmodel's and llm-compressor's (and quantkit's round-to-nearest).
 
     GPTQMODEL_CPU_WORKERS=2 python benchmarks/peers.py [--llmcompressor-python VENV/bin/python]
-    # writes benchmarks/results/peers.{md,json}
+    # the embedded model, 4 bit, group 128: writes benchmarks/results/peers.{md,json}
+    GPTQMODEL_CPU_WORKERS=2 python benchmarks/peers.py --model SMOLLM2 --group-size 64 --settings asym \
+        --calib PROSE_CALIB.txt --eval PROSE_EVAL.txt --name peers_smollm2 --llmcompressor-python ...
 
 Every row quantizes the same model from the same calibration token ids, saves an HF checkpoint,
 loads it with transformers + gptqmodel (the same loader for everyone) and is scored on the same
@@ -61,23 +63,26 @@ def reference(source: ModelSource, ids: torch.Tensor):
     return acc.logprobs, acc.result().perplexity
 
 
-def run_quantkit(method: str, sym: bool, act_order: bool, out: Path, calib: int, seq_len: int) -> float:
+def run_quantkit(args, method: str, sym: bool, act_order: bool, out: Path) -> float:
     """``quantkit ship`` in a fresh process: gptqmodel, once imported, keeps worker threads that would
-    slow whatever is timed after it in the same process."""
+    slow whatever is timed after it in the same process. Its wall time, as for the peers, covers loading,
+    calibration, quantization and saving (``--no-verify``: the checkpoint is scored here like theirs)."""
     target = "hf-awq" if method == "awq" else "hf-gptq"  # rtn rows use the GPTQ v1 layout too
-    cmd = [sys.executable, "-m", "quantkit.cli", "ship", "--targets", target, "--out", str(out), "--method", method,
-           "--scheme", "sym" if sym else "asym", "--calib-samples", str(calib), "--eval-samples", "1",
-           "--seq-len", str(seq_len), "--max-ppl-increase", "1e9", "--max-kld", "1e9", "--min-top1", "0",
-           "--json", "--quiet", *(["--act-order"] if act_order else [])]
-    manifest = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    return manifest["artifacts"][0]["seconds"]["export"]
+    cmd = [sys.executable, "-m", "quantkit.cli", "ship", *([str(args.model)] if args.model else []),
+           "--targets", target, "--out", str(out), "--method", method, "--scheme", "sym" if sym else "asym",
+           "--bits", str(args.bits), "--group-size", str(args.group_size), "--calib", args.calib,
+           "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len), "--no-verify", "--quiet",
+           *(["--act-order"] if act_order else [])]
+    start = time.time()
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return time.time() - start
 
 
-def run_gptqmodel(method: str, sym: bool, act_order: bool, out: Path, calib_ids: torch.Tensor) -> float:
+def run_gptqmodel(args, method: str, sym: bool, act_order: bool, out: Path, calib_ids: torch.Tensor) -> float:
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
     from gptqmodel.quantization.config import FORMAT, METHOD
 
-    kwargs = dict(bits=4, group_size=128, sym=sym, desc_act=act_order, offload_to_disk=False)
+    kwargs = dict(bits=args.bits, group_size=args.group_size, sym=sym, desc_act=act_order, offload_to_disk=False)
     if method == "awq":
         kwargs.update(method=METHOD.AWQ, format=FORMAT.GEMM, desc_act=False)
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calib_ids]
@@ -85,17 +90,18 @@ def run_gptqmodel(method: str, sym: bool, act_order: bool, out: Path, calib_ids:
     with contextlib.redirect_stdout(sys.stderr):
         # gptqmodel's CPU AWQ packer accepts only fp16/bf16 models; its GPTQ runs in fp32
         dtype = torch.bfloat16 if method == "awq" else torch.float32
-        model = GPTQModel.load(str(ModelSource().path), QuantizeConfig(**kwargs), dtype=dtype)
+        model = GPTQModel.load(str(ModelSource(args.model).path), QuantizeConfig(**kwargs), dtype=dtype)
         # AWQ on CPU needs the torch AWQ backend (its default kernel asks for CUDA)
         model.quantize(calibration, batch_size=1, backend=BACKEND.AWQ_TORCH if method == "awq" else BACKEND.AUTO)
         model.save(str(out))
     return time.time() - start
 
 
-def run_llmcompressor(python: str, method: str, sym: bool, act_order: bool, ids_file: Path, tmp: Path):
+def run_llmcompressor(args, method: str, sym: bool, act_order: bool, ids_file: Path, tmp: Path):
     out = tmp / f"llmc-{method}-{sym}-{act_order}.npz"
     script = Path(__file__).parent / "peer_llmcompressor.py"
-    cmd = [python, str(script), str(ids_file), str(out), method, "sym" if sym else "asym", "1" if act_order else "0"]
+    cmd = [args.llmcompressor_python, str(script), str(ids_file), str(out), method, "sym" if sym else "asym",
+           "1" if act_order else "0", str(ModelSource(args.model).path), str(args.bits), str(args.group_size)]
     subprocess.run(cmd, check=True, stdout=sys.stderr)
     result = np.load(out)
     return float(result["seconds"]), list(result["logits"])
@@ -103,37 +109,44 @@ def run_llmcompressor(python: str, method: str, sym: bool, act_order: bool, ids_
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="Hugging Face folder (default: the embedded model)")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--settings", default="all", help="all, or asym: the rtn / gptq / awq rows without act-order")
+    ap.add_argument("--calib", default="builtin", help="calibration text, as quantkit ship --calib")
+    ap.add_argument("--eval", default="builtin", help="evaluation text, as quantkit ship --eval")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--eval-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--name", default="peers", help="results file name (results/NAME.md and .json)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--llmcompressor-python", default=None,
                     help="python of a virtual environment with llmcompressor 0.14 (adds its rows)")
     args = ap.parse_args()
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
-    source = ModelSource()
+    source = ModelSource(args.model)
     tokenizer = source.tokenizer()
-    calib = make_samples(tokenizer, "builtin", "calib", args.calib_samples, args.seq_len)
-    evals = make_samples(tokenizer, "builtin", "eval", args.eval_samples, args.seq_len)
+    calib = make_samples(tokenizer, args.calib, "calib", args.calib_samples, args.seq_len)
+    evals = make_samples(tokenizer, args.eval, "eval", args.eval_samples, args.seq_len)
+    settings = SETTINGS if args.settings == "all" else [s for s in SETTINGS if not s[1] and not s[2]]
     ref_logprobs, ref_ppl = reference(source, evals.ids)
     rows = []
     peers = ("gptqmodel", "llm-compressor") if args.llmcompressor_python else ("gptqmodel",)
     with tempfile.TemporaryDirectory() as tmp:
         ids_file = Path(tmp) / "ids.npz"
         np.savez(ids_file, calib=calib.ids.numpy(), eval=evals.ids.numpy())
-        for method, sym, act_order in SETTINGS:
+        for method, sym, act_order in settings:
             for tool in ("quantkit",) if method == "rtn" else ("quantkit", *peers):
                 out = Path(tmp) / f"{tool}-{method}-{sym}-{act_order}"
                 if tool == "quantkit":
-                    seconds = run_quantkit(method, sym, act_order, out, args.calib_samples, args.seq_len)
+                    seconds = run_quantkit(args, method, sym, act_order, out)
                     logits = hf_logits(out / ("hf-awq" if method == "awq" else "hf-gptq"), evals.ids, False)
                 elif tool == "gptqmodel":
-                    seconds = run_gptqmodel(method, sym, act_order, out, calib.ids)
+                    seconds = run_gptqmodel(args, method, sym, act_order, out, calib.ids)
                     logits = hf_logits(out, evals.ids, progress=False)
                 else:
-                    seconds, logits = run_llmcompressor(args.llmcompressor_python, method, sym, act_order,
-                                                        ids_file, Path(tmp))
+                    seconds, logits = run_llmcompressor(args, method, sym, act_order, ids_file, Path(tmp))
                 m = score(evals.ids, logits, ref_logprobs, ref_ppl)
                 rows.append({"tool": tool, "method": method, "scheme": "sym" if sym else "asym",
                              "act_order": act_order, "quantize_s": round(seconds, 2), **m.to_dict()})
@@ -146,19 +159,22 @@ def main() -> None:
     if args.llmcompressor_python:
         probe = "from importlib import metadata; print(metadata.version('llmcompressor'))"
         llmc = subprocess.run([args.llmcompressor_python, "-c", probe], capture_output=True, text=True).stdout.strip()
-    payload = {"command": command.strip(), "quantkit": quantkit.__version__, "llmcompressor": llmc,
+    payload = {"command": command.strip(), "model": str(source.path.name) if args.model else "embedded",
+               "bits": args.bits, "group_size": args.group_size, "quantkit": quantkit.__version__,
+               "llmcompressor": llmc,
                "gptqmodel": metadata.version("gptqmodel"), "transformers": metadata.version("transformers"),
                "python": platform.python_version(), "reference_perplexity": round(ref_ppl, 4),
                "calib_tokens": calib.n_tokens, "eval_tokens": evals.n_tokens, "rows": rows}
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "peers.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (args.results / "peers.md").write_text(to_markdown(payload))
+    (args.results / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.results / f"{args.name}.md").write_text(to_markdown(payload))
     print(to_markdown(payload))
 
 
 def to_markdown(p: dict) -> str:
     lines = [
-        "# quantkit vs gptqmodel and llm-compressor: 4-bit, group size 128, embedded model, CPU",
+        f"# quantkit vs gptqmodel and llm-compressor: {p.get('bits', 4)}-bit, group size {p.get('group_size', 128)}, "
+        f"{p.get('model', 'embedded')} model, CPU",
         "",
         f"Command: `{p['command']}` (quantkit {p['quantkit']}, gptqmodel {p['gptqmodel']}, llm-compressor "
         f"{p['llmcompressor'] or 'not run'}, transformers {p['transformers']}, Python {p['python']}). Same "
@@ -168,7 +184,7 @@ def to_markdown(p: dict) -> str:
         f"fp32 reference (perplexity {p['reference_perplexity']}). llm-compressor's act-order rows use its "
         "\"weight\" ordering (groups kept in column order).",
         "",
-        "| method | scheme | act-order | tool | ppl | Δppl % | KLD | top-1 | quantize s |",
+        "| method | scheme | act-order | tool | ppl | Δppl % | KLD | top-1 | quantize s (wall) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in p["rows"]:

@@ -289,11 +289,13 @@ def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Targ
          scratch: Path, out: Path, log: _Log, progress: bool, started: float) -> ShipResult:
     log(f"model: {source.path} ({source.arch.hf_class}, {source.parameter_count / 1e6:.1f}M parameters)")
     imatrix_file = load_imatrix_option(recipe.imatrix, source, ctx.quantized_names)  # a bad file fails first
-    tokenizer = source.tokenizer()
+    weight_hashes = source.weight_sha256_in_background()
+    needs_calibration = method.needs_statistics or recipe.imatrix == "calib"
+    tokenizer = source.tokenizer() if recipe.verify or needs_calibration else None
     samples = make_samples(tokenizer, recipe.eval, "eval", recipe.eval_samples, recipe.seq_len) \
         if recipe.verify else None
     calib, calibration = None, None
-    if method.needs_statistics or recipe.imatrix == "calib":
+    if needs_calibration:
         calib = make_samples(tokenizer, recipe.calib, "calib", recipe.calib_samples, recipe.seq_len)
         calibration = {"source": calib.source, "samples": calib.ids.shape[0], "seq_len": recipe.seq_len,
                        "tokens": calib.n_tokens, "ids_sha256": calib.sha256}
@@ -323,7 +325,7 @@ def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Targ
     result.manifest = write_manifest(
         tmp / "manifest.json",
         quantkit_version=__version__,
-        model=_model_entry(source),
+        model=_model_entry(source, weight_hashes()),
         recipe=recipe.to_dict(),
         verified=recipe.verify,
         data={"eval": eval_entry, "calibration": calibration, "imatrix": imatrix},
@@ -426,13 +428,13 @@ def _imatrix_entry(recipe: Recipe, quantizer: WeightQuantizer, tmp: Path) -> dic
     return entry
 
 
-def _model_entry(source: ModelSource) -> dict:
+def _model_entry(source: ModelSource, weights_sha256: dict[str, str]) -> dict:
     return {
         "path": "<embedded default model>" if source.is_default else str(source.path.resolve()),
         "architecture": source.arch.name,
         "hf_class": source.arch.hf_class,
         "parameters": source.parameter_count,
         "tied_embeddings": source.tied_embeddings,
-        "weights_sha256": source.weight_sha256(),
+        "weights_sha256": weights_sha256,
     }
 
