@@ -40,6 +40,11 @@ def weight_bytes(k: int, n: int) -> int:
     return k * n // 2 + (k // GROUP) * n * 2 + (k // GROUP) * n // 2 + k * 4
 
 
+# The suite's fp16 bound (tests/test_kernels.py): both sides accumulate in fp32 and round the output to fp16
+# once, so they differ by summation order plus half an fp16 ulp (2^-11) of the largest output.
+FP16_TOLERANCE = 2e-3
+
+
 def dry_run() -> list[dict]:
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
@@ -59,7 +64,8 @@ def dry_run() -> list[dict]:
             x = torch.randn(small_m, small_k).to(torch.float16)
             out = tk.w4a16_matmul(x, *args, "gptq", GROUP, config=config)
             ref = reference.w4a16_matmul(x, *args, "gptq", GROUP)
-            close = bool(torch.allclose(out.float(), ref.float(), rtol=2e-2, atol=2e-2))
+            error = (out.float() - ref.float()).abs().max() / ref.float().abs().max()
+            close = bool(error <= FP16_TOLERANCE)
             rows.append({"K": k, "N": n, "M": m, "config": config.__dict__, "grid": grid,
                          "weight_bytes": weight_bytes(k, n), "flops": 2 * m * n * k, "checked": valid and close})
     return rows

@@ -63,7 +63,17 @@ def timed(cmd: list[str]) -> dict:
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
         seconds, kib = report.read().split()[-2:]
-    return {"seconds": round(float(seconds), 2), "wall": round(wall, 2), "peak_rss_mib": round(int(kib) / 1024)}
+    result = {"seconds": round(float(seconds), 2), "wall": round(wall, 2), "peak_rss_mib": round(int(kib) / 1024)}
+    for line in done.stdout.splitlines():  # the llama_model_quantize call alone, printed by QUANTIZE_SCRIPT
+        if line.startswith("quantize_seconds"):
+            result["core_seconds"] = round(float(line.split()[1]), 2)
+    return result
+
+
+def with_export_seconds(t: dict, out: Path) -> dict:
+    """Add the export stage alone (what the manifest records: plan, read, quantize, write) to a ship timing."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {**t, "core_seconds": manifest["artifacts"][0]["seconds"]["export"]}
 
 
 def ship_cmd(model: Path, target: str, out: Path, *extra: str) -> list[str]:
@@ -87,8 +97,11 @@ if len(sys.argv) > 4:
         row.name, row.size = name.encode(), v.size
         row.data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
     params.imatrix = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+import time
+start = time.time()
 if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params) != 0:
     raise SystemExit("llama_model_quantize failed")
+print("quantize_seconds", time.time() - start)
 """
 
 
@@ -152,7 +165,8 @@ def gguf_types(args) -> dict:
         scorer = Scorer(args.model, evals, tmp)
         rows.append({"type": "F32", "quantkit": f32, "metrics": scorer(source)})
         for ftype in args.types.split(","):
-            ours = timed(ship_cmd(args.model, f"gguf:{ftype}", tmp / "ours", "--no-verify"))
+            ours = with_export_seconds(timed(ship_cmd(args.model, f"gguf:{ftype}", tmp / "ours", "--no-verify")),
+                                       tmp / "ours")
             ours_path = tmp / "ours" / f"model-{ftype}.gguf"
             theirs_path = tmp / f"llama-{ftype}.gguf"
             theirs = timed(llama_quantize_cmd(source, theirs_path, ftype))
@@ -173,7 +187,8 @@ def shapes(args) -> dict:
         tmp = Path(tmp)
         bf16 = timed(ship_cmd(args.model, "gguf:BF16", tmp / "bf16", "--no-verify"))
         source = tmp / "bf16" / "model-BF16.gguf"
-        ours = timed(ship_cmd(args.model, "gguf:Q4_K_M", tmp / "ours", "--no-verify"))
+        ours = with_export_seconds(timed(ship_cmd(args.model, "gguf:Q4_K_M", tmp / "ours", "--no-verify")),
+                                   tmp / "ours")
         ours_path = tmp / "ours" / "model-Q4_K_M.gguf"
         theirs = timed(llama_quantize_cmd(source, tmp / "llama.gguf", "Q4_K_M"))
         same = same_tensors(ours_path, tmp / "llama.gguf")
@@ -220,6 +235,14 @@ def _fmt_time(t: dict | None) -> str:
     return "-" if not t else f"{t['seconds']:.1f} s / {t['peak_rss_mib']} MiB"
 
 
+def _core(t: dict) -> str:
+    return f"{t['core_seconds']:.2f}" if "core_seconds" in t else "-"
+
+
+def _ratio(ours: dict, theirs: dict, key: str) -> str:
+    return f"{ours[key] / theirs[key]:.2f}" if key in ours and key in theirs else "-"
+
+
 def _metrics(m: dict | None) -> str:
     if not m:
         return "- | - | - | -"
@@ -241,32 +264,36 @@ def report(results: dict) -> str:
                   "llama.cpp from an F32 GGUF of the same weights. Scores: llama.cpp's logits on "
                   f"{EVAL_SAMPLES} x {SEQ_LEN} tokens of prose against the transformers fp32 reference (identical "
                   "files score identically, so one row of metrics serves both).", "",
-                  "| type | size MiB | quantkit time / peak RSS | llama.cpp time / peak RSS | time ratio | same bytes "
-                  "| ppl | Δppl % | KLD | top-1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "Process: the whole command (interpreter start and imports included). Core: quantkit's export stage "
+                  "(the manifest's `seconds.export`: read, quantize, write) and the `llama_model_quantize` call.", "",
+                  "| type | size MiB | quantkit process / peak RSS | llama.cpp process / peak RSS | ratio | core s "
+                  "quantkit / llama.cpp | core ratio | same bytes | ppl | Δppl % | KLD | top-1 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in g["rows"]:
             if r["type"] == "F32":
-                lines.append(f"| F32 (llama.cpp's source) | - | {_fmt_time(r['quantkit'])} | - | - | - | "
+                lines.append(f"| F32 (llama.cpp's source) | - | {_fmt_time(r['quantkit'])} | - | - | - | - | - | "
                              f"{_metrics(r['metrics'])} |")
                 continue
-            ratio = r["quantkit"]["seconds"] / r["llama.cpp"]["seconds"]
-            same = r["same_bytes"]
-            lines.append(f"| {r['type']} | {r['bytes'] / 2**20:.1f} | {_fmt_time(r['quantkit'])} | "
-                         f"{_fmt_time(r['llama.cpp'])} | {ratio:.2f} | {same['identical']}/{same['tensors']} | "
+            ours, theirs, same = r["quantkit"], r["llama.cpp"], r["same_bytes"]
+            lines.append(f"| {r['type']} | {r['bytes'] / 2**20:.1f} | {_fmt_time(ours)} | {_fmt_time(theirs)} | "
+                         f"{_ratio(ours, theirs, 'seconds')} | {_core(ours)} / {_core(theirs)} | "
+                         f"{_ratio(ours, theirs, 'core_seconds')} | {same['identical']}/{same['tensors']} | "
                          f"{_metrics(r['metrics'])} |")
         lines.append("")
     if results.get("shapes"):
         lines += ["## Real shapes, random weights: `ship --no-verify --targets gguf:Q4_K_M` vs llama.cpp", "",
                   "llama.cpp quantizes from a BF16 GGUF of the same weights (written by `quantkit ship --targets "
                   "gguf:BF16 --no-verify`, timed in the last column).", "",
-                  "| checkpoint | layers | hidden | Q4_K_M GiB | quantkit time / peak RSS "
-                  "| llama.cpp time / peak RSS | time ratio | same bytes | BF16 export |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| checkpoint | layers | hidden | Q4_K_M GiB | quantkit process / peak RSS "
+                  "| llama.cpp process / peak RSS | ratio | core s quantkit / llama.cpp | core ratio | same bytes "
+                  "| BF16 export |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["shapes"].values():
-            ratio = r["quantkit"]["seconds"] / r["llama.cpp"]["seconds"]
-            same = r["same_bytes"]
+            ours, theirs, same = r["quantkit"], r["llama.cpp"], r["same_bytes"]
             size = "-" if r["bytes"] is None else f"{r['bytes'] / 2**30:.2f}"
-            lines.append(f"| {r['model']} | {r['layers']} | {r['hidden']} | {size} | {_fmt_time(r['quantkit'])} | "
-                         f"{_fmt_time(r['llama.cpp'])} | {ratio:.2f} | {same['identical']}/{same['tensors']} | "
+            lines.append(f"| {r['model']} | {r['layers']} | {r['hidden']} | {size} | {_fmt_time(ours)} | "
+                         f"{_fmt_time(theirs)} | {_ratio(ours, theirs, 'seconds')} | {_core(ours)} / {_core(theirs)} "
+                         f"| {_ratio(ours, theirs, 'core_seconds')} | {same['identical']}/{same['tensors']} | "
                          f"{_fmt_time(r['export_bf16'])} |")
         lines += [""] + [f"Command: `{r['command']}`" for r in results["shapes"].values()] + [""]
     if "methods" in results:

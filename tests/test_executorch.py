@@ -12,8 +12,9 @@ from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, quantized_tensor_names
 from quantkit.targets import ExportContext, parse_target
 from quantkit.targets.executorch import DynamicActivationQuantLinear, XnnpackGrid, embedding_dtype
+from tests.runtimes import require
 
-pytest.importorskip("executorch")  # CI installs quantkit[executorch]; this skip only protects bare checkouts
+require("executorch")  # the ExecuTorch runtime checks every .pte
 
 SEQ = 64
 CASES = {  # tiny fixture, target, group size

@@ -6,7 +6,6 @@ import functools
 from pathlib import Path
 
 import gguf
-import llama_cpp  # a required test dependency: the real GGUF runtime
 import numpy as np
 import pytest
 import torch
@@ -16,6 +15,9 @@ from quantkit.grids.ggml_lib import use_engine
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, quantized_tensor_names
 from quantkit.targets import ExportContext, parse_target
+from tests.runtimes import require
+
+llama_cpp = require("llama_cpp")  # the real GGUF runtime
 
 # every quantized file type quantkit offers (Q2_K_S, which needs an importance matrix, has its own test)
 FILE_TYPES = ["Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_L",
@@ -97,6 +99,15 @@ def test_every_file_type_byte_identical_to_llama_cpp_quantizer(default_f32, tmp_
     assert {base, "F32"} <= types and (types == {base, "F32"} or not pure)
     if not pure and gguf_type != "Q8_0":  # llama.cpp's file types keep the output projection in Q6_K
         assert ours["output.weight"].tensor_type == GGMLType.Q6_K
+
+
+@pytest.mark.parametrize("float_type", ["F16", "BF16"])
+def test_float_files_byte_identical_to_llama_cpp_quantizer(default_f32, tmp_path, float_type):
+    """16-bit files hold what llama.cpp's converter would: matrices rounded to nearest-even, norms in F32."""
+    ours = tensors(export(None, float_type, tmp_path / "ours.gguf"))
+    theirs = tensors(llama_quantize(default_f32, tmp_path / "theirs.gguf", float_type))
+    assert_same_tensors(ours, theirs)
+    assert {t.tensor_type.name for t in ours.values()} == {float_type, "F32"}
 
 
 def test_file_types_follow_llama_cpp_names(default_f32, tmp_path):
@@ -248,7 +259,10 @@ def test_tensor_type_overrides_byte_identical_to_llama_quantize(default_f32, tmp
     assert got["blk.0.attn_v.weight"] == got["blk.3.attn_v.weight"] == "Q8_0"  # first match wins over blk.0
     assert got["blk.0.attn_q.weight"] == "Q6_K" and got["blk.2.ffn_up.weight"] == "Q5_0"
     assert got["token_embd.weight"] == "Q8_0" and got["output.weight"] == "Q5_K"
-    assert got["blk.1.ffn_down.weight"] == "Q4_K" if pure else "Q6_K"  # Q4_K_M's rule unless --pure
+    # Q4_K_M gives ffn_down more bits in the first and last eighth of the layers (and every third between):
+    # with 4 layers, blk.3 but not blk.1 (blk.0 is taken by the blk.0 override above)
+    assert got["blk.1.ffn_down.weight"] == "Q4_K"
+    assert got["blk.3.ffn_down.weight"] == ("Q4_K" if pure else "Q6_K")
 
 
 def test_overrides_are_reported(tmp_path):
@@ -389,7 +403,7 @@ def test_sentencepiece_bpe_tokenizer_tokenizes_like_sentencepiece_in_llama_cpp(s
     "first") adds no "▁" but sentencepiece, which trained the vocabulary, does, and llama.cpp follows it."""
     from quantkit.targets.gguf import load_llama
 
-    spm = pytest.importorskip("sentencepiece")  # not a quantkit dependency
+    spm = require("sentencepiece")  # the reference tokenizer (dev extra)
     processor = spm.SentencePieceProcessor(model_file=str(spm_llama / "tokenizer.model"))
     llm = load_llama(export(spm_llama, "F32", tmp_path / "m.gguf"), 64)
     texts = [doc[:3000] for doc in load_documents("builtin", "eval")[:3]]

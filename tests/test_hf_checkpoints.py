@@ -2,7 +2,6 @@
 rely on too): the real backend's logits match the weights our packing reference decodes, and the
 pipeline scores artifacts from that loaded model."""
 
-import gptqmodel  # noqa: F401  a required test dependency: transformers' backend for these formats
 import pytest
 import torch
 
@@ -11,11 +10,17 @@ from quantkit.data import make_samples
 from quantkit.model import ModelSource
 from quantkit.targets.hf_checkpoint import hf_logits
 from tests.helpers import decoded_reference
+from tests.runtimes import require
+
+require("gptqmodel")  # transformers' backend for these formats
 
 CASES = {
     "gptq-sym-actorder": dict(targets=["hf-gptq"], method="gptq", scheme="sym", act_order=True),
     "gptq-asym-g64": dict(targets=["hf-gptq"], method="gptq", scheme="asym", group_size=64),
     "rtn-8bit": dict(targets=["hf-gptq"], method="rtn", bits=8, scheme="sym"),
+    # 2 bit: the format's other packable width, read by gptqmodel's torch kernel as well
+    "gptq-2bit-g32": dict(targets=["hf-gptq"], method="gptq", bits=2, group_size=32, scheme="asym",
+                          max_ppl_increase_pct=1e9, max_kld=1e9, min_top1=0.0),
     "awq": dict(targets=["hf-awq"], method="awq", scheme="asym"),
 }
 
@@ -67,7 +72,6 @@ def test_json_stdout_stays_clean_with_the_hf_backend(tmp_path, capsys):
 def test_sharded_checkpoint_loads(tmp_path, monkeypatch):
     import json
 
-    from quantkit.kernels.quant_linear import load_quantized_model
     from quantkit.targets import hf_checkpoint
 
     monkeypatch.setattr(hf_checkpoint, "MAX_SHARD_BYTES", 2**20)  # 1 MiB shards: the 5.9 MiB model splits
@@ -80,5 +84,7 @@ def test_sharded_checkpoint_loads(tmp_path, monkeypatch):
     assert result.ok  # scored from transformers + gptqmodel, which read the index
     ids = torch.randint(1, 4096, (1, 32), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        torch.testing.assert_close(load_quantized_model(folder)(input_ids=ids).logits,
-                                   decoded_reference(folder, "hf-gptq")(input_ids=ids).logits)
+        ours = decoded_reference(folder, "hf-gptq")(input_ids=ids).logits[0]
+    theirs = torch.from_numpy(next(iter(hf_logits(folder, ids, progress=False))))
+    # gptqmodel's decode of every shard against ours (fp16 scales and another summation order: 1 %)
+    assert (theirs - ours).abs().max() < 1e-2 * ours.abs().max()

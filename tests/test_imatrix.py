@@ -4,7 +4,6 @@ and the --imatrix plumbing."""
 import struct
 
 import gguf
-import llama_cpp
 import numpy as np
 import pytest
 import torch
@@ -28,7 +27,9 @@ from quantkit.model import ModelSource
 from quantkit.recipe import Recipe
 from tests.ggml_reference import ggml_quantize
 from tests.helpers import edge_weights
+from tests.runtimes import require
 
+llama_cpp = require("llama_cpp")  # llama.cpp's quantizer, the reference for the weighted types
 WEIGHTED_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 # one linear of each shape, from different layers: (256, 256), (128, 256), (768, 256), (256, 768)
 SAMPLE_WEIGHTS = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",

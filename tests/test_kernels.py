@@ -18,6 +18,14 @@ N, K, GROUP = 200, 384, 128  # N and K are not multiples of the 64-wide blocks: 
 
 
 def packed(layout: str, act_order: bool = False, seed: int = 0, bits: int = 4, n: int = N) -> dict[str, torch.Tensor]:
+    qw = quantized(act_order, seed, bits, n)
+    t = gptq_tensors(qw, GROUP) if layout == "gptq" else awq_tensors(qw)
+    t.setdefault("g_idx", None)
+    return t
+
+
+def quantized(act_order: bool = False, seed: int = 0, bits: int = 4, n: int = N):
+    """The QuantizedWeight ``packed`` packs: its decode is the reference the packed kernels must reproduce."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, K, generator=g) * 0.05
     grid = IntGrid(bits=bits, group_size=GROUP, symmetric=False, fp16_scales=True, min_zero=1)
@@ -25,12 +33,8 @@ def packed(layout: str, act_order: bool = False, seed: int = 0, bits: int = 4, n
         x = torch.randn(256, K, generator=g) * torch.linspace(0.1, 3, K)
         stats = LinearStats(torch.zeros(K, K, dtype=torch.float64))
         stats.add(x)
-        qw = gptq_quantize(w, stats.gram, grid, GPTQConfig(act_order=True))
-    else:
-        qw = RoundToNearest().quantize_weight(w, grid)
-    t = gptq_tensors(qw, GROUP) if layout == "gptq" else awq_tensors(qw)
-    t.setdefault("g_idx", None)
-    return t
+        return gptq_quantize(w, stats.gram, grid, GPTQConfig(act_order=True))
+    return RoundToNearest().quantize_weight(w, grid)
 
 
 CASES = [("gptq", False), ("gptq", True), ("awq", False)]
@@ -111,7 +115,10 @@ def test_quant_linear_equals_dequantized_matmul(layout, act_order, backend):
     bias = torch.randn(N)
     layer = QuantLinear(K, N, layout, GROUP, {k: v for k, v in t.items() if v is not None}, bias, backend)
     x = torch.randn(4, K)
-    expected = x @ layer.dequantized_weight().T + bias
+    # the weight as the grid decoded it before packing: the packed layout and the kernels must reproduce it
+    expected = x @ quantized(act_order).dequantize().T + bias
+    # fp32; fp16 scales in the checkpoint equal the grid's (fitted on fp16-rounded scales), so only the
+    # summation order differs
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -141,8 +148,10 @@ def shipped_with_quantkit_runtime(tmp_path_factory):
 
 
 def test_quantkit_runtime_checks_hf_folders(shipped_with_quantkit_runtime):
+    """quantkit's runtime computes what transformers + gptqmodel (the loader vLLM users rely on) compute
+    from the same folder."""
     from quantkit.kernels.quant_linear import load_quantized_model
-    from tests.helpers import decoded_reference
+    from quantkit.targets.hf_checkpoint import hf_logits
 
     ids = torch.randint(1, 4096, (1, 64), generator=torch.Generator().manual_seed(3))
     for result in shipped_with_quantkit_runtime:
@@ -152,8 +161,12 @@ def test_quantkit_runtime_checks_hf_folders(shipped_with_quantkit_runtime):
         model = load_quantized_model(folder)
         assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
         with torch.no_grad():
-            torch.testing.assert_close(model(input_ids=ids).logits,
-                                       decoded_reference(folder, art.target)(input_ids=ids).logits)
+            ours = model(input_ids=ids).logits[0]
+        theirs = torch.from_numpy(next(iter(hf_logits(folder, ids, progress=False))))
+        # gptqmodel decodes the same integers with fp16 arithmetic in places and sums in another order
+        # (up to 0.081 on logits of 16 measured for its AWQ path): 1 % of the largest logit
+        assert (ours - theirs).abs().max() < 1e-2 * ours.abs().max(), art.target
+        assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.95
 
 
 def test_triton_path_through_a_loaded_model(shipped_with_quantkit_runtime):

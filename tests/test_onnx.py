@@ -17,6 +17,9 @@ from quantkit.recipe import Recipe, quantized_tensor_names
 from quantkit.targets import onnx as onnx_target
 from quantkit.targets.onnx import OnnxDecoder, greedy_generate
 from tests.helpers import decoded_reference
+from tests.runtimes import require
+
+require("onnxruntime")  # runs every onnx / ort artifact
 
 # fp32 activations: onnxruntime and torch sum the same products in different orders (and ORT fuses
 # the SiLU); 1e-4 relative to the largest logit is far below one quantization step's effect.
@@ -113,16 +116,24 @@ def test_cached_steps_give_the_logits_of_a_full_pass(tiny_models, tmp_path):
     np.testing.assert_allclose(np.concatenate([first, rest], axis=1), full, rtol=0, atol=1e-4 * np.abs(full).max())
 
 
+# fp16 activations: every matmul input and the residual stream are rounded to 11 significant bits, so logits
+# drift by about 2^-11 times the accumulated magnitude over the layers; 1e-2 of the largest logit bounds it.
+FP16_TOLERANCE = 1e-2
+
+
 def test_ship_onnx_fp16_and_ort_are_scored_by_onnxruntime(tmp_path):
     result = quantkit.ship(targets=["onnx:fp16", "ort"], out=tmp_path / "o", eval_samples=2, seq_len=256)
     arts = {a.target: a for a in result.artifacts}
     assert set(arts) == {"onnx:fp16", "ort"}
     for art in arts.values():
         assert art.verdict == "accepted", art.failures
-        assert art.runtime["version"]["onnxruntime"] and art.metrics["kld"] < 0.02 and art.metrics["top1"] > 0.9
-    # fp16 activations cost little next to the 4-bit weights
-    assert abs(arts["onnx:fp16"].metrics["perplexity"] - arts["ort"].metrics["perplexity"]) < 0.01 * \
-        arts["ort"].metrics["perplexity"]
+        assert art.runtime["version"]["onnxruntime"]
+    # what onnxruntime computes from each file, against torch running the same round-to-nearest integers
+    ids = torch.randint(1, 4096, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = rtn_model(None, Recipe())(input_ids=ids).logits
+    assert_close(ort_logits(result.out_dir / arts["ort"].path, ids, "model.ort"), ours, FP32_TOLERANCE)
+    assert_close(ort_logits(result.out_dir / arts["onnx:fp16"].path, ids), ours, FP16_TOLERANCE)
     ort_dir = result.out_dir / arts["ort"].path
     assert (ort_dir / "model.ort").is_file() and not (ort_dir / "model.onnx").exists()
     operators = (ort_dir / "required_operators.config").read_text()
