@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from gguf.constants import GGUFEndian, GGUFValueType
 from gguf.gguf_writer import WriterState
 from tqdm import tqdm
 
@@ -93,6 +95,29 @@ def _float_bytes(t: torch.Tensor, ggml_type: GGMLType) -> np.ndarray:
     if ggml_type == GGMLType.F16:
         return t.numpy().astype(np.float16)
     return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+
+
+class Writer(gguf.GGUFWriter):
+    """gguf-py's writer with metadata arrays of strings and numbers packed in one pass: a 128k-token
+    vocabulary is ~400k values, which gguf-py packs one ``struct.pack`` call at a time (about a second)."""
+
+    _ARRAYS = {GGUFValueType.INT32: "<i4", GGUFValueType.FLOAT32: "<f4", GGUFValueType.UINT32: "<u4"}
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None) -> bytes:
+        if vtype != GGUFValueType.ARRAY or isinstance(val, bytes) or not val or self.endianess != GGUFEndian.LITTLE:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        item_type = sub_type if sub_type is not None else GGUFValueType.get_type(val[0])
+        if not all(type(v) is type(val[0]) for v in val):  # mixed arrays: gguf-py's checks and errors
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        if item_type == GGUFValueType.STRING:
+            encoded = [v.encode("utf-8") for v in val]
+            items = b"".join(len(e).to_bytes(8, "little") + e for e in encoded)
+        elif item_type in self._ARRAYS:
+            items = np.asarray(val, dtype=self._ARRAYS[item_type]).tobytes()
+        else:
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        header = (struct.pack("<I", vtype) if add_vtype else b"") + struct.pack("<IQ", item_type, len(val))
+        return header + items
 
 
 def _write_tensor_chunks(writer: gguf.GGUFWriter, nbytes: int, chunks: Iterator[np.ndarray]) -> None:
@@ -247,7 +272,7 @@ class GGUFTarget(Target):
         chunks: read, rounded (or taken from the method's result) and written before the next chunk."""
         source = ctx.source
         plan = self.plan(source, ctx.recipe)
-        writer = gguf.GGUFWriter(str(path), arch=source.arch.gguf_arch)
+        writer = Writer(str(path), arch=source.arch.gguf_arch)
         self._write_metadata(writer, source)
         for t in plan:
             if t.ggml_type in (GGMLType.F32, GGMLType.F16):

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
@@ -79,7 +80,11 @@ def detect_pre_tokenizer(pre: dict | None) -> str:
 def read_vocab(model_dir: Path, tokenizer_config: dict | None = None, vocab_size: int | None = None) -> GGUFVocab:
     """The GGUF vocabulary of ``model_dir``'s tokenizer.json; with ``vocab_size`` (the embedding's rows) the
     token list is padded to it, as llama.cpp's converter does for models whose embedding has spare rows."""
-    vocab = _read_vocab(model_dir, tokenizer_config)
+    vocab = _cached_vocab(model_dir, json.dumps(tokenizer_config or {}, sort_keys=True),
+                          (model_dir / "tokenizer.json").stat().st_mtime_ns
+                          if (model_dir / "tokenizer.json").is_file() else 0)
+    vocab = replace(vocab, tokens=list(vocab.tokens), token_types=list(vocab.token_types),
+                    scores=None if vocab.scores is None else list(vocab.scores))
     if vocab_size is None or len(vocab.tokens) == vocab_size:
         return vocab
     if len(vocab.tokens) > vocab_size:
@@ -91,6 +96,12 @@ def read_vocab(model_dir: Path, tokenizer_config: dict | None = None, vocab_size
     if vocab.scores is not None:
         vocab.scores += [min(vocab.scores, default=0.0)] * len(spare)
     return vocab
+
+
+@lru_cache(maxsize=4)
+def _cached_vocab(model_dir: Path, tokenizer_config: str, _mtime: int) -> GGUFVocab:
+    """``_read_vocab``, parsed once per tokenizer file (validation and export both need it)."""
+    return _read_vocab(model_dir, json.loads(tokenizer_config))
 
 
 def _read_vocab(model_dir: Path, tokenizer_config: dict | None) -> GGUFVocab:

@@ -82,3 +82,9 @@ def test_round_to_bytes_is_the_same_in_both_engines():
             with use_engine("torch"):
                 reference = grid.round_to_bytes(w, imp)
             assert np.array_equal(fast, reference), (name, imp is None)
+
+
+def test_rows_that_do_not_fit_the_blocks_never_reach_ggml():
+    """ggml writes whole blocks per row: a 576-wide row would run past the output buffer."""
+    with pytest.raises(ValueError, match="Q4_K needs rows that are a multiple of 256; got rows of 576"):
+        quantize_rows("Q4_K", np.zeros((4, 576), dtype=np.float32))

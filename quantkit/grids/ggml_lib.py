@@ -75,7 +75,15 @@ def use_engine(name: str) -> Iterator[None]:
 
 def row_bytes(type_name: str, n_per_row: int) -> int:
     block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    if n_per_row % block:  # ggml would write past the buffer: never hand it such rows
+        raise ValueError(f"{type_name} needs rows that are a multiple of {block}; got rows of {n_per_row}")
     return n_per_row // block * type_size
+
+
+@cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per thread count for the whole process: a run makes thousands of calls."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="quantkit-ggml")
 
 
 def quantize_rows(type_name: str, rows: np.ndarray, importance: np.ndarray | None = None,
@@ -104,11 +112,7 @@ def quantize_rows(type_name: str, rows: np.ndarray, importance: np.ndarray | Non
     per_call = max(1, MIN_WEIGHTS_PER_CALL // max(n_per_row, 1))
     step = max(per_call, -(-n_rows // threads))
     spans = [(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
-    if len(spans) == 1:
-        written = run(*spans[0])
-    else:
-        with ThreadPoolExecutor(max_workers=min(threads, len(spans))) as pool:
-            written = sum(pool.map(lambda span: run(*span), spans))
+    written = run(*spans[0]) if len(spans) == 1 else sum(_pool(threads).map(lambda span: run(*span), spans))
     if written != dst.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for {type_name}, expected {dst.nbytes}")
     return dst
