@@ -166,7 +166,7 @@ class WeightQuantizer(Quantizer):
         if rounding is not None:
             return RoundToNearest().quantize_weight(self.source.load(name), grid, importance=rounding.importance)
         if self.method.sequential:
-            return self._sequential(self._pass_key(grid, plan)).quantized[name]
+            return self._sequential(self._pass_key(grid, plan)).quantized[name].widened()
         return self.method.quantize_weight(self.source.load(name), grid, self._statistics().get(name))
 
     def replaced(self, name: str, grid: Grid | None, plan: GridPlan | None = None) -> torch.Tensor | None:
@@ -190,7 +190,6 @@ class WeightQuantizer(Quantizer):
             result = quantize_sequential(streamer.model, self.source.arch, self.calib.ids.to(self.device),
                                          self.block_names, grid, self.method.quantize_block, self.progress,
                                          label=self.method.name, streamer=streamer)
-            result.quantized = {n: qw.to("cpu") for n, qw in result.quantized.items()}
             result.replaced = {n: t.to("cpu") for n, t in result.replaced.items()}
             self._by_grid[grid] = result
         return self._by_grid[grid]

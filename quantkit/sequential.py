@@ -169,7 +169,9 @@ def quantize_sequential(model: nn.Module, arch: Architecture, calib_ids: torch.T
         job = BlockJob(block, prefix, arch, members, inputs, plan.default,
                        {n: g for n, g in grids.items() if g != plan.default})
         block_result = quantize_block(job)
-        result.quantized.update({f"{prefix}{n}.weight": qw for n, qw in block_result.quantized.items()})
+        # narrow codes while the rest of the model is quantized: int32 would hold 4 bytes per weight
+        result.quantized.update({f"{prefix}{n}.weight": qw.to("cpu").compact()
+                                 for n, qw in block_result.quantized.items()})
         result.replaced.update({f"{prefix}{n}": t for n, t in block_result.replaced.items()})
         outputs = job.run()
         inputs = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, inputs, strict=True)]

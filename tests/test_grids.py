@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantkit.grids import PER_CHANNEL, PER_TENSOR, IntGrid
+from quantkit.grids import PER_CHANNEL, PER_TENSOR, IntGrid, QuantizedWeight, QuantParams
 from quantkit.methods import RoundToNearest
 
 RTN = RoundToNearest()
@@ -95,3 +95,13 @@ def test_permute_rows_keeps_rows_with_their_parameters():
     qw = RTN.quantize_weight(w, IntGrid(bits=4, group_size=16))
     order = torch.randperm(8)
     assert torch.equal(qw.permute_rows(order).dequantize(), qw.dequantize()[order])
+
+
+@pytest.mark.parametrize("low,high,dtype", [(-128, 127, torch.int8), (0, 255, torch.uint8), (-32, 200, torch.int16)])
+def test_compact_codes_keep_every_value(low, high, dtype):
+    codes = torch.tensor([[low, high, 0, 1]], dtype=torch.int32)
+    grid = IntGrid(bits=8, group_size=4)
+    qw = QuantizedWeight(codes, QuantParams(scale=torch.ones(1, 1, 1)), grid)
+    small = qw.compact()
+    assert small.codes.dtype == dtype and small.widened().codes.dtype == torch.int32
+    assert torch.equal(small.widened().codes, codes) and torch.equal(small.dequantize(), qw.dequantize())

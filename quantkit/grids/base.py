@@ -159,6 +159,22 @@ class QuantizedWeight:
             return self.grid.decode(self.codes[..., None], per_column).squeeze(-1)
         return self.grid.decode(self.grouped_codes(), self.params).reshape(self.codes.shape)
 
+    def compact(self) -> QuantizedWeight:
+        """The same weight with its codes in the narrowest integer type that holds them (int8, uint8 or int16
+        instead of int32): a layer-by-layer pass keeps every quantized weight until the artifact is written."""
+        low, high = int(self.codes.min()), int(self.codes.max())
+        for dtype in (torch.int8, torch.uint8, torch.int16):
+            info = torch.iinfo(dtype)
+            if info.min <= low and high <= info.max:
+                return QuantizedWeight(self.codes.to(dtype), self.params, self.grid, self.g_idx)
+        return self
+
+    def widened(self) -> QuantizedWeight:
+        """Codes back in int32, the type every consumer computes with (``compact`` undone)."""
+        if self.codes.dtype == torch.int32:
+            return self
+        return QuantizedWeight(self.codes.to(torch.int32), self.params, self.grid, self.g_idx)
+
     def to(self, device: torch.device | str) -> QuantizedWeight:
         g_idx = None if self.g_idx is None else self.g_idx.to(device)
         return QuantizedWeight(self.codes.to(device), self.params.map(lambda t: t.to(device)), self.grid, g_idx)
