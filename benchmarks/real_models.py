@@ -305,7 +305,11 @@ def report(results: dict) -> str:
                   "| type | tool | method | time / peak RSS | ppl | Δppl % | KLD | top-1 |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
-            lines.append(f"| {r['type']} | {r['tool']} | {r['method']} | {_fmt_time(r['time'])} | "
+            method = r["method"]
+            if "same_bytes_as_quantkit_rtn_imatrix" in r:
+                same = "identical" if r["same_bytes_as_quantkit_rtn_imatrix"] else "different"
+                method += f", bytes {same} to quantkit rtn+imatrix"
+            lines.append(f"| {r['type']} | {r['tool']} | {method} | {_fmt_time(r['time'])} | "
                          f"{_metrics(r['metrics'])} |")
         lines.append("")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import threading
 from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib import metadata
@@ -15,12 +16,37 @@ _PACKAGES = ("torch", "transformers", "safetensors", "tokenizers", "gguf", "nump
              "optimum")
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, cancelled: threading.Event | None = None) -> str:
+    """The file's sha256; with ``cancelled`` set midway, stops and returns an empty string."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
+            if cancelled is not None and cancelled.is_set():
+                return ""
             h.update(chunk)
     return h.hexdigest()
+
+
+class BackgroundHashes:
+    """sha256 of files computed on a thread (hashlib and file reads release the GIL, so it runs on whatever
+    core the quantization leaves idle). ``result()`` waits; ``cancel()`` stops it, e.g. when the run fails."""
+
+    def __init__(self, files: list[Path]):
+        self._cancelled = threading.Event()
+        self._result: dict[str, str] = {}
+        self._thread = threading.Thread(target=self._work, args=(files,), name="quantkit-hash", daemon=True)
+        self._thread.start()
+
+    def _work(self, files: list[Path]) -> None:
+        for file in files:
+            self._result[file.name] = file_sha256(file, self._cancelled)
+
+    def result(self) -> dict[str, str]:
+        self._thread.join()
+        return dict(self._result)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
 
 
 def artifact_digest(path: Path) -> tuple[int, str]:

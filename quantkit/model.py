@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -21,7 +20,7 @@ from safetensors import safe_open
 
 from quantkit.arch import ARCHITECTURES, Architecture, supported_names
 from quantkit.errors import QuantkitError
-from quantkit.manifest import file_sha256
+from quantkit.manifest import BackgroundHashes, file_sha256
 
 # Everything works from local paths: never let transformers reach for the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -178,15 +177,9 @@ class ModelSource:
     def weight_sha256(self) -> dict[str, str]:
         return {file.name: file_sha256(file) for file in self.weight_files}
 
-    def weight_sha256_in_background(self) -> Callable[[], dict[str, str]]:
-        """Start hashing the weight files on a thread (hashlib and file reads release the GIL, so it runs on
-        whatever core the quantization leaves idle); the returned function waits for the result."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantkit-hash")
-        future = pool.submit(self.weight_sha256)
-        pool.shutdown(wait=False)
-        return future.result
+    def weight_sha256_in_background(self) -> BackgroundHashes:
+        """Start hashing the weight files on a thread; ``.result()`` waits for the hashes."""
+        return BackgroundHashes(self.weight_files)
 
     # ---- tensors ----------------------------------------------------------------------------
     def load(self, name: str) -> torch.Tensor:

@@ -32,7 +32,7 @@ from quantkit.imatrix import (
     load_imatrix_option,
     write_imatrix,
 )
-from quantkit.manifest import artifact_digest, environment, write_manifest
+from quantkit.manifest import BackgroundHashes, artifact_digest, environment, write_manifest
 from quantkit.memory import bound_heap_growth
 from quantkit.methods import METHODS, Method, RoundToNearest
 from quantkit.model import ModelSource
@@ -275,20 +275,22 @@ def _ship(model, targets, out, recipe: Recipe | None, overwrite: bool, progress:
     extra = [GGUF_FILENAME] if recipe.imatrix == "calib" else []
     tmp = _prepare_output(out, [t.filename() for t in parsed] + extra, overwrite)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))  # never moved into --out
+    weight_hashes = source.weight_sha256_in_background()  # for the manifest, while the run works
     try:
-        result = _run(source, recipe, method, parsed, ctx, tmp, scratch, out, log, progress, started)
+        result = _run(source, recipe, method, parsed, ctx, tmp, scratch, out, log, progress, started, weight_hashes)
         _move_into_place(tmp, out)
     finally:
+        weight_hashes.cancel()  # after a failure: stop reading the checkpoint (a no-op once finished)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
     return result
 
 
 def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Target], ctx: ExportContext, tmp: Path,
-         scratch: Path, out: Path, log: _Log, progress: bool, started: float) -> ShipResult:
+         scratch: Path, out: Path, log: _Log, progress: bool, started: float,
+         weight_hashes: BackgroundHashes) -> ShipResult:
     log(f"model: {source.path} ({source.arch.hf_class}, {source.parameter_count / 1e6:.1f}M parameters)")
     imatrix_file = load_imatrix_option(recipe.imatrix, source, ctx.quantized_names)  # a bad file fails first
-    weight_hashes = source.weight_sha256_in_background()
     needs_calibration = method.needs_statistics or recipe.imatrix == "calib"
     tokenizer = source.tokenizer() if recipe.verify or needs_calibration else None
     samples = make_samples(tokenizer, recipe.eval, "eval", recipe.eval_samples, recipe.seq_len) \
@@ -324,7 +326,7 @@ def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Targ
     result.manifest = write_manifest(
         tmp / "manifest.json",
         quantkit_version=__version__,
-        model=_model_entry(source, weight_hashes()),
+        model=_model_entry(source, weight_hashes.result()),
         recipe=recipe.to_dict(),
         verified=recipe.verify,
         data={"eval": eval_entry, "calibration": calibration, "imatrix": imatrix},
