@@ -1,6 +1,6 @@
 """One llm-compressor run for benchmarks/peers.py, executed with llm-compressor's own interpreter.
 
-    /path/to/llmcompressor-venv/bin/python benchmarks/peer_llmcompressor.py IDS.npz OUT.npz METHOD SCHEME ACT_ORDER \
+    /path/to/llmcompressor-venv/bin/python benchmarks/peer_llmcompressor.py IDS.npz OUT.npz METHOD SCHEME ORDER \
         [MODEL_DIR BITS GROUP_SIZE]
 
 llm-compressor 0.14 caps transformers at 5.17, so it lives in its own virtual environment (see
@@ -9,8 +9,9 @@ IDS.npz (or MODEL_DIR on a BITS-bit, GROUP_SIZE grid), saves the compressed-tens
 reloads it with transformers (which decodes
 compressed-tensors) and writes the evaluation logits and the quantization wall time to OUT.npz;
 peers.py scores them against the same reference as every other row. It imports nothing of quantkit.
-Act-order: llm-compressor 0.14's GPTQ accepts only "weight"/"static" ordering (columns reordered, groups
-kept in original order, like quantkit's --act-order --static-groups), not g_idx-style "group" ordering.
+ORDER is off (``actorder=None`` on the modifier: without it llm-compressor 0.14 applies "static" even when
+the scheme asks for none), static, or group (run as its "weight" ordering: 0.14's GPTQ takes weight/static
+here, not g_idx-style group ordering).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _cpu_friendly_awq() -> None:
 
 
 def main() -> None:
-    ids_path, out_path, method, scheme, act_order = sys.argv[1:6]
+    ids_path, out_path, method, scheme, order = sys.argv[1:6]
     model_dir = Path(sys.argv[6]) if len(sys.argv) > 6 else MODEL
     bits, group_size = (int(sys.argv[7]), int(sys.argv[8])) if len(sys.argv) > 8 else (4, 128)
     from datasets import Dataset
@@ -50,9 +51,9 @@ def main() -> None:
     if method == "gptq":
         from llmcompressor.modifiers.quantization import GPTQModifier
 
-        weights["actorder"] = "weight" if act_order == "1" else None
+        actorder = {"off": None, "static": "static", "group": "weight"}[order]
         recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-                              ignore=["lm_head"], dampening_frac=0.01)
+                              ignore=["lm_head"], dampening_frac=0.01, actorder=actorder)
     else:
         from llmcompressor.modifiers.awq import AWQModifier
 

@@ -16,8 +16,8 @@ packer only takes bf16/fp16 models (the embedded model's weights are bf16 to beg
 llm-compressor 0.14 caps transformers at 5.17, so it runs in its own virtual environment: pass its
 interpreter with ``--llmcompressor-python``. Its rows are quantized, saved as compressed-tensors,
 reloaded by transformers 5.17 in that environment (benchmarks/peer_llmcompressor.py), and their logits
-are scored here like every other row. Its GPTQ act-order is "weight" ordering (groups stay in
-original column order), not the g_idx ordering of the other act-order rows.
+are scored here like every other row. Each GPTQ column order is asked of every tool explicitly (see
+SETTINGS): both peers reorder columns by default, llm-compressor even when its scheme asks for no ordering.
 """
 
 from __future__ import annotations
@@ -43,14 +43,20 @@ from quantkit.model import ModelSource
 from quantkit.targets.hf_checkpoint import hf_logits
 
 RESULTS = Path(__file__).parent / "results"
-SETTINGS = [  # (method, sym, act_order); round-to-nearest rows are quantkit's baseline on the same grid
-    ("rtn", True, False),
-    ("rtn", False, False),
-    ("gptq", True, False),
-    ("gptq", True, True),
-    ("gptq", False, False),
-    ("gptq", False, True),
-    ("awq", False, False),
+# (method, sym, column order); round-to-nearest rows are quantkit's baseline on the same grid. GPTQ orders:
+# off = columns in order; static = by decreasing Hessian diagonal, groups kept in column order (quantkit's and
+# llm-compressor's default; gptqmodel's nearest is its default group-aware reordering, act_group_aware); group =
+# groups follow the sweep (desc_act / g_idx; llm-compressor runs its "weight" ordering there)
+SETTINGS = [
+    ("rtn", True, "off"),
+    ("rtn", False, "off"),
+    ("gptq", True, "off"),
+    ("gptq", True, "static"),
+    ("gptq", True, "group"),
+    ("gptq", False, "off"),
+    ("gptq", False, "static"),
+    ("gptq", False, "group"),
+    ("awq", False, "off"),
 ]
 
 
@@ -63,7 +69,7 @@ def reference(source: ModelSource, ids: torch.Tensor):
     return acc.logprobs, acc.result().perplexity
 
 
-def run_quantkit(args, method: str, sym: bool, act_order: bool, out: Path) -> float:
+def run_quantkit(args, method: str, sym: bool, order: str, out: Path) -> float:
     """``quantkit ship`` in a fresh process: gptqmodel, once imported, keeps worker threads that would
     slow whatever is timed after it in the same process. Its wall time, as for the peers, covers loading,
     calibration, quantization and saving (``--no-verify``: the checkpoint is scored here like theirs)."""
@@ -72,19 +78,20 @@ def run_quantkit(args, method: str, sym: bool, act_order: bool, out: Path) -> fl
            "--targets", target, "--out", str(out), "--method", method, "--scheme", "sym" if sym else "asym",
            "--bits", str(args.bits), "--group-size", str(args.group_size), "--calib", args.calib,
            "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len), "--no-verify", "--quiet",
-           *(["--act-order"] if act_order else [])]
+           "--act-order", order]
     start = time.time()
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return time.time() - start
 
 
-def run_gptqmodel(args, method: str, sym: bool, act_order: bool, out: Path, calib_ids: torch.Tensor) -> float:
+def run_gptqmodel(args, method: str, sym: bool, order: str, out: Path, calib_ids: torch.Tensor) -> float:
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
     from gptqmodel.quantization.config import FORMAT, METHOD
 
-    kwargs = dict(bits=args.bits, group_size=args.group_size, sym=sym, desc_act=act_order, offload_to_disk=False)
+    kwargs = dict(bits=args.bits, group_size=args.group_size, sym=sym, desc_act=order == "group",
+                  act_group_aware=order == "static", offload_to_disk=False)
     if method == "awq":
-        kwargs.update(method=METHOD.AWQ, format=FORMAT.GEMM, desc_act=False)
+        kwargs.update(method=METHOD.AWQ, format=FORMAT.GEMM, desc_act=False, act_group_aware=False)
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calib_ids]
     start = time.time()
     with contextlib.redirect_stdout(sys.stderr):
@@ -97,11 +104,11 @@ def run_gptqmodel(args, method: str, sym: bool, act_order: bool, out: Path, cali
     return time.time() - start
 
 
-def run_llmcompressor(args, method: str, sym: bool, act_order: bool, ids_file: Path, tmp: Path):
-    out = tmp / f"llmc-{method}-{sym}-{act_order}.npz"
+def run_llmcompressor(args, method: str, sym: bool, order: str, ids_file: Path, tmp: Path):
+    out = tmp / f"llmc-{method}-{sym}-{order}.npz"
     script = Path(__file__).parent / "peer_llmcompressor.py"
     cmd = [args.llmcompressor_python, str(script), str(ids_file), str(out), method, "sym" if sym else "asym",
-           "1" if act_order else "0", str(ModelSource(args.model).path), str(args.bits), str(args.group_size)]
+           order, str(ModelSource(args.model).path), str(args.bits), str(args.group_size)]
     subprocess.run(cmd, check=True, stdout=sys.stderr)
     result = np.load(out)
     return float(result["seconds"]), list(result["logits"])
@@ -112,7 +119,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="Hugging Face folder (default: the embedded model)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--settings", default="all", help="all, or asym: the rtn / gptq / awq rows without act-order")
+    ap.add_argument("--settings", default="all", help="all, or asym: the asymmetric rows only")
     ap.add_argument("--calib", default="builtin", help="calibration text, as quantkit ship --calib")
     ap.add_argument("--eval", default="builtin", help="evaluation text, as quantkit ship --eval")
     ap.add_argument("--calib-samples", type=int, default=32)
@@ -129,27 +136,27 @@ def main() -> None:
     tokenizer = source.tokenizer()
     calib = make_samples(tokenizer, args.calib, "calib", args.calib_samples, args.seq_len)
     evals = make_samples(tokenizer, args.eval, "eval", args.eval_samples, args.seq_len)
-    settings = SETTINGS if args.settings == "all" else [s for s in SETTINGS if not s[1] and not s[2]]
+    settings = SETTINGS if args.settings == "all" else [s for s in SETTINGS if not s[1]]
     ref_logprobs, ref_ppl = reference(source, evals.ids)
     rows = []
     peers = ("gptqmodel", "llm-compressor") if args.llmcompressor_python else ("gptqmodel",)
     with tempfile.TemporaryDirectory() as tmp:
         ids_file = Path(tmp) / "ids.npz"
         np.savez(ids_file, calib=calib.ids.numpy(), eval=evals.ids.numpy())
-        for method, sym, act_order in settings:
+        for method, sym, order in settings:
             for tool in ("quantkit",) if method == "rtn" else ("quantkit", *peers):
-                out = Path(tmp) / f"{tool}-{method}-{sym}-{act_order}"
+                out = Path(tmp) / f"{tool}-{method}-{sym}-{order}"
                 if tool == "quantkit":
-                    seconds = run_quantkit(args, method, sym, act_order, out)
+                    seconds = run_quantkit(args, method, sym, order, out)
                     logits = hf_logits(out / ("hf-awq" if method == "awq" else "hf-gptq"), evals.ids, False)
                 elif tool == "gptqmodel":
-                    seconds = run_gptqmodel(args, method, sym, act_order, out, calib.ids)
+                    seconds = run_gptqmodel(args, method, sym, order, out, calib.ids)
                     logits = hf_logits(out, evals.ids, progress=False)
                 else:
-                    seconds, logits = run_llmcompressor(args, method, sym, act_order, ids_file, Path(tmp))
+                    seconds, logits = run_llmcompressor(args, method, sym, order, ids_file, Path(tmp))
                 m = score(evals.ids, logits, ref_logprobs, ref_ppl)
                 rows.append({"tool": tool, "method": method, "scheme": "sym" if sym else "asym",
-                             "act_order": act_order, "quantize_s": round(seconds, 2), **m.to_dict()})
+                             "order": order, "quantize_s": round(seconds, 2), **m.to_dict()})
                 print(json.dumps(rows[-1]), flush=True)
 
     command = "GPTQMODEL_CPU_WORKERS=2 python benchmarks/peers.py " + " ".join(sys.argv[1:])
@@ -181,14 +188,20 @@ def to_markdown(p: dict) -> str:
         f"calibration ids ({p['calib_tokens']} tokens) and evaluation ids ({p['eval_tokens']} tokens) for every row; "
         "quantkit's and gptqmodel's checkpoints loaded by transformers + gptqmodel, llm-compressor's "
         "compressed-tensors checkpoints by transformers 5.17 in its own environment; all scored against the same "
-        f"fp32 reference (perplexity {p['reference_perplexity']}). llm-compressor's act-order rows use its "
-        "\"weight\" ordering (groups kept in column order).",
+        f"fp32 reference (perplexity {p['reference_perplexity']}). Column order, asked of each tool explicitly: off "
+        "(in order), static (by decreasing Hessian diagonal, groups in column order; gptqmodel's nearest is its "
+        "default group-aware reordering), group (groups follow the sweep, g_idx; llm-compressor's \"weight\").",
         "",
-        "| method | scheme | act-order | tool | ppl | Δppl % | KLD | top-1 | quantize s (wall) |",
+        "| method | scheme | column order | tool | ppl | Δppl % | KLD | top-1 | quantize s (wall) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in p["rows"]:
-        lines.append(f"| {r['method']} | {r['scheme']} | {'on' if r['act_order'] else 'off'} | {r['tool']} | "
+        order = r["order"] if r["method"] == "gptq" else "-"
+        if r["tool"] == "gptqmodel" and order == "static":
+            order = "group-aware (its default)"
+        if r["tool"] == "llm-compressor" and order == "group":
+            order = "weight"
+        lines.append(f"| {r['method']} | {r['scheme']} | {order} | {r['tool']} | "
                      f"{r['perplexity']:.3f} | {r['ppl_increase_pct']:+.2f} | {r['kld']:.5f} | {r['top1']:.4f} | "
                      f"{r['quantize_s']:.1f} |")
     return "\n".join(lines) + "\n"

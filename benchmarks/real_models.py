@@ -212,12 +212,16 @@ def methods(args) -> dict:
             runs = {"rtn": [], "rtn+imatrix": ["--imatrix", "calib"], "gptq": ["--method", "gptq"],
                     "awq": ["--method", "awq"]}
             for label, extra in runs.items():
+                if args.only and label not in args.only.split(","):
+                    continue
                 out = tmp / label
                 t = timed(ship_cmd(args.model, f"gguf:{ftype}", out, "--no-verify", *data, *extra))
                 row = {"type": ftype, "tool": "quantkit", "method": label, "time": t,
                        "metrics": scorer(out / f"model-{ftype}.gguf")}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+            if args.only and "llama.cpp" not in args.only.split(","):
+                continue
             theirs = tmp / f"llama-{ftype}.gguf"
             t = timed(llama_quantize_cmd(f32 / "model-F32.gguf", theirs, ftype, tmp / "rtn+imatrix" / "imatrix.gguf"))
             row = {"type": ftype, "tool": "llama.cpp", "method": "imatrix (same calibration text)", "time": t,
@@ -229,6 +233,15 @@ def methods(args) -> dict:
         reference = scorer.reference.metrics.perplexity
         scorer.reference.close()
     return {"model": args.model.name, "reference_perplexity": round(reference, 4), "rows": rows}
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with each row that ``new`` measured again replaced in place."""
+    def key(r):
+        return r["type"], r["tool"], r["method"]
+
+    fresh = {key(r): r for r in new}
+    return [fresh.get(key(r), r) for r in old]
 
 
 def _fmt_time(t: dict | None) -> str:
@@ -325,6 +338,8 @@ def main() -> None:
                        else "Q4_K_M,Q3_K_M")
         p.add_argument("--name", default=None)
         p.add_argument("--scratch", default=None, help="folder for temporary files (default: the system's)")
+        p.add_argument("--only", default=None, help="methods: rerun only these rows (rtn, rtn+imatrix, gptq, awq, "
+                       "llama.cpp), keeping the others from the results file")
     sub.add_parser("report")
     args = ap.parse_args()
     results = json.loads(JSON_PATH.read_text()) if JSON_PATH.is_file() else {}
@@ -333,6 +348,10 @@ def main() -> None:
         part["command"] = "python benchmarks/real_models.py " + " ".join(sys.argv[1:])
         if args.part == "shapes":
             results.setdefault("shapes", {})[args.name or args.model.name] = part
+        elif args.part == "methods" and args.only and "methods" in results:
+            part["rows"] = merge_rows(results["methods"]["rows"], part["rows"])
+            part["command"] = results["methods"]["command"] + f"; rows {args.only} rerun by `{part['command']}`"
+            results[args.part] = part
         else:
             results[args.part] = part
         results["environment"] = environment()

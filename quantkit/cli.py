@@ -82,10 +82,13 @@ def _add_ship(sub) -> None:
                    help="sym = absmax, asym = zero-point (default: sym)")
     q.add_argument("--damp-percent", type=float, default=0.01,
                    help="gptq: Hessian damping as a fraction of its mean diagonal (default: 0.01)")
-    q.add_argument("--act-order", action="store_true",
-                   help="gptq: quantize columns by decreasing activation energy (desc_act)")
+    q.add_argument("--act-order", choices=("static", "group", "off"), default="static",
+                   help="gptq: static = sweep columns by decreasing Hessian diagonal, groups fitted up front and "
+                   "kept in column order (no g_idx; llm-compressor's default); group = groups follow the sweep "
+                   "(desc_act, g_idx in hf-gptq); off = columns in order. GGUF grids keep groups in column order "
+                   "either way (default: static)")
     q.add_argument("--static-groups", action="store_true",
-                   help="gptq: fit group scales on the original weights before the sweep")
+                   help="gptq with --act-order off: fit group scales on the original weights before the sweep")
     q.add_argument("--weighted-fit", action=argparse.BooleanOptionalAction, default=True,
                    help="gptq on GGUF grids: fit block scales with ggml's importance-weighted search, weighted by "
                    "the Hessian diagonal (the imatrix's quantity) (default: on)")

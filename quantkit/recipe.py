@@ -13,6 +13,8 @@ from quantkit.grids import PER_CHANNEL, IntGrid
 from quantkit.methods import METHODS
 from quantkit.model import ModelSource
 
+ACT_ORDERS = ("static", "group", "off")
+
 
 @dataclass
 class Recipe:
@@ -21,8 +23,11 @@ class Recipe:
     group_size: int = 128  # -1 per channel, 0 per tensor
     scheme: str = "sym"  # sym = absmax, asym = zero-point
     damp_percent: float = 0.01  # GPTQ: Hessian damping, fraction of its mean diagonal
-    act_order: bool = False  # GPTQ: quantize columns by decreasing Hessian diagonal
-    static_groups: bool = False  # GPTQ: fit group parameters before the sweep
+    # GPTQ column order: "static" sweeps columns by decreasing Hessian diagonal with each group's parameters
+    # fitted up front, so groups stay in column order (llm-compressor's default; no g_idx); "group" lets groups
+    # follow the sweep (desc_act, stored with g_idx); "off" sweeps columns in order
+    act_order: str = "static"
+    static_groups: bool = False  # GPTQ with act_order "off": fit group parameters before the sweep
     # GPTQ on GGUF grids: fit block scales weighting each column's error by the Hessian diagonal
     weighted_fit: bool = True
     runtime: str = "transformers"  # what loads hf-gptq / hf-awq for checking: transformers or quantkit
@@ -51,6 +56,10 @@ class Recipe:
     allow_tokenizer_mismatch: bool = False
 
     def validate(self) -> None:
+        if isinstance(self.act_order, bool):  # the API's earlier spelling: True was g_idx-style act-order
+            self.act_order = "group" if self.act_order else "off"
+        if self.act_order not in ACT_ORDERS:
+            raise QuantkitError(f"--act-order {self.act_order!r} is unknown; use one of {', '.join(ACT_ORDERS)}")
         if self.method not in METHODS:
             raise QuantkitError(f"unknown method {self.method!r}; choose one of: {', '.join(sorted(METHODS))}")
         if not 2 <= self.bits <= 8:
@@ -92,6 +101,11 @@ class Recipe:
         if self.imatrix != "calib" and not Path(self.imatrix).is_file():
             raise QuantkitError(f"--imatrix {self.imatrix!r} is neither none, calib nor an existing file; "
                                 "pass a llama.cpp imatrix .gguf/.dat file or calib")
+
+    @property
+    def gptq_g_idx(self) -> bool:
+        """Whether GPTQ's groups follow its column sweep (act-order "group"): checkpoints then need g_idx."""
+        return self.method == "gptq" and self.act_order == "group"
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -36,8 +36,8 @@ class HFAWQTarget(HFCheckpointTarget):
         if grid.bits != 4 or grid.group_size <= 0:
             raise QuantkitError(f"hf-awq stores 4-bit group-wise weights; got --bits {grid.bits} --group-size "
                                 f"{grid.group_size} (use --bits 4 --group-size 128)")
-        if ctx.recipe.act_order:
-            raise QuantkitError("hf-awq cannot store act-order groups; drop --act-order")
+        if ctx.recipe.gptq_g_idx:
+            raise QuantkitError("hf-awq cannot store act-order groups (g_idx); use --act-order static or off")
         if ctx.recipe.quantize_embeddings or ctx.recipe.quantize_lm_head:
             raise QuantkitError("hf-awq quantizes block linears only; drop --quantize-embeddings/--quantize-lm-head")
 

@@ -137,7 +137,7 @@ def test_cuda_requested_without_a_gpu(capsys, out_dir, tiny_llama, monkeypatch):
     (["--targets", "hf-gptq", "--bits", "3"], "--bits 3 cannot be packed"),
     (["--targets", "hf-gptq", "--group-size", "0"], "no per-tensor scales"),
     (["--targets", "hf-awq", "--bits", "8"], "hf-awq stores 4-bit group-wise weights"),
-    (["--targets", "hf-awq", "--act-order", "--method", "gptq"], "cannot store act-order"),
+    (["--targets", "hf-awq", "--act-order", "group", "--method", "gptq"], "cannot store act-order"),
     (["--targets", "hf-gptq:Q4_0"], "hf-gptq takes no option"),
 ])
 def test_grid_a_target_cannot_store(capsys, out_dir, tiny_llama, argv, expected):

@@ -174,8 +174,9 @@ class GPTQ(Method):
 
     @classmethod
     def from_recipe(cls, recipe) -> GPTQ:
-        return cls(GPTQConfig(damp_percent=recipe.damp_percent, act_order=recipe.act_order,
-                              static_groups=recipe.static_groups, weighted_fit=recipe.weighted_fit))
+        return cls(GPTQConfig(damp_percent=recipe.damp_percent, act_order=recipe.act_order != "off",
+                              static_groups=recipe.act_order == "static" or recipe.static_groups,
+                              weighted_fit=recipe.weighted_fit))
 
     def quantize_weight(self, weight: torch.Tensor, grid: Grid, stats: object | None = None) -> QuantizedWeight:
         if not isinstance(stats, LinearStats):
