@@ -68,11 +68,7 @@ class ImportanceMatrix:
 
 def gguf_weight_names(arch: Architecture, n_layers: int) -> dict[str, str]:
     """HF weight name -> GGUF tensor name for every matrix a GGUF file of this architecture holds."""
-    names = {arch.embedding: "token_embd.weight", arch.lm_head: "output.weight"}
-    for i in range(n_layers):
-        for hf_rel, gguf_rel in arch.gguf_block_names.items():
-            names[f"{arch.block(i)}{hf_rel}.weight"] = f"blk.{i}.{gguf_rel}.weight"
-    return names
+    return arch.gguf_names(n_layers)
 
 
 def from_statistics(stats: dict, names: dict[str, str], dataset: str, chunk_size: int,

@@ -76,23 +76,96 @@ def block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def same_kwargs(a: dict, b: dict) -> bool:
+    """Whether two calls' keyword arguments hold equal values (tensors compared by value)."""
+    if a.keys() != b.keys():
+        return False
+    for key, value in a.items():
+        other = b[key]
+        if isinstance(value, torch.Tensor) or isinstance(other, torch.Tensor):
+            if not (isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor) and value.shape == other.shape
+                    and value.device == other.device and torch.equal(value, other)):
+                return False
+        elif isinstance(value, tuple) and isinstance(other, tuple):
+            if not same_kwargs(dict(enumerate(value)), dict(enumerate(other))):
+                return False
+        elif value is not other and value != other:
+            return False
+    return True
+
+
+@dataclass
+class BlockCalls:
+    """What the blocks of a model receive for each token row: the first block's input (hidden states) and
+    every block's keyword arguments. Blocks of one model can get different ones (Gemma's sliding-window
+    and global layers: other masks, other rope tables), so each block keeps its own; equal ones are shared
+    between rows and blocks, so they cost little memory."""
+
+    first_inputs: list[torch.Tensor]
+    kwargs: list[list[dict]]  # kwargs[row][block]
+
+    def inputs(self, block: int, hidden: list[torch.Tensor]) -> BlockInputs:
+        return [((h,), self.kwargs[row][block]) for row, h in enumerate(hidden)]
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Tensor) -> BlockInputs:
-    """Positional and keyword arguments the first block receives, one entry per calibration row."""
-    captured: BlockInputs = []
+def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
+                        keep_first_input=None) -> BlockCalls:
+    """Run each row of ``ids`` through ``model`` with every block answering with its own input (no block
+    computes, so blocks may sit on the meta device) and record what each block receives.
 
-    def hook(_module, args, kwargs):
-        captured.append((args, kwargs))
-        raise StopForward
+    ``keep_first_input(row, hidden)``, if given, takes each row's first-block input instead of the result
+    (e.g. to put it in a scratch file)."""
+    calls = BlockCalls([], [])
+    current: dict[int, dict] = {}
+    last = len(blocks) - 1
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    def recorder(index: int):
+        def forward(hidden, *args, **kwargs):
+            if args:
+                raise RuntimeError(f"block {index} took {len(args) + 1} positional arguments; expected the hidden "
+                                   "states alone")
+            current[index] = kwargs
+            if index == 0:
+                if keep_first_input is None:
+                    calls.first_inputs.append(hidden)
+                else:
+                    keep_first_input(len(calls.kwargs), hidden)
+            if index == last:
+                raise StopForward
+            return hidden
+        return forward
+
+    for index, block in enumerate(blocks):
+        block.forward = recorder(index)  # an instance attribute: module hooks still run around it
     try:
         for row in ids:
             with contextlib.suppress(StopForward):
-                model(input_ids=row[None], use_cache=False)
+                model(input_ids=row[None].to(_device(model)), use_cache=False)
+            calls.kwargs.append([_shared(calls.kwargs, index, current[index]) for index in range(len(blocks))])
     finally:
-        handle.remove()
-    return captured
+        for block in blocks:
+            del block.forward
+    return calls
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+
+
+def _shared(earlier: list[list[dict]], index: int, kwargs: dict) -> dict:
+    """``kwargs``, or the previous row's equal dict for the same block (rows of one length get the same
+    masks and rope tables; within a row the model already passes the same objects to blocks of one kind)."""
+    if earlier and same_kwargs(earlier[-1][index], kwargs):
+        return earlier[-1][index]
+    return kwargs
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) -> BlockInputs:
+    """The first block's positional and keyword arguments, one entry per row."""
+    calls = capture_block_calls(model, blocks, ids)
+    return calls.inputs(0, calls.first_inputs)
 
 
 @torch.no_grad()
@@ -158,7 +231,8 @@ def quantize_sequential(model: nn.Module, arch: Architecture, calib_ids: torch.T
     wanted = set(names)
     plan = grid if isinstance(grid, GridPlan) else GridPlan(grid)
     blocks = model.get_submodule(arch.blocks_module)
-    inputs = capture_block_inputs(model, blocks[0], calib_ids)
+    calls = capture_block_calls(model, blocks, calib_ids)
+    hidden = calls.first_inputs
     result = SequentialResult()
     for index in tqdm(range(len(blocks)), desc=f"{label} {plan.name}", unit="block", disable=not progress,
                       leave=False):
@@ -166,15 +240,14 @@ def quantize_sequential(model: nn.Module, arch: Architecture, calib_ids: torch.T
         prefix = arch.block(index)
         members = [n for n in arch.linears if f"{prefix}{n}.weight" in wanted]
         grids = {n: plan.grid_for(f"{prefix}{n}.weight") for n in members}
-        job = BlockJob(block, prefix, arch, members, inputs, plan.default,
+        job = BlockJob(block, prefix, arch, members, calls.inputs(index, hidden), plan.default,
                        {n: g for n, g in grids.items() if g != plan.default})
         block_result = quantize_block(job)
         # narrow codes while the rest of the model is quantized: int32 would hold 4 bytes per weight
         result.quantized.update({f"{prefix}{n}.weight": qw.to("cpu").compact()
                                  for n, qw in block_result.quantized.items()})
         result.replaced.update({f"{prefix}{n}": t for n, t in block_result.replaced.items()})
-        outputs = job.run()
-        inputs = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, inputs, strict=True)]
+        hidden = job.run()
         if streamer:
             streamer.release_block(index)
     return result

@@ -40,8 +40,10 @@ class BlockStreamer:
         embedding_module = arch.embedding.rsplit(".", 1)[0]
         parent, _, child = embedding_module.rpartition(".")
         original = self.model.get_submodule(embedding_module)
+        scale = float(config.hidden_size) ** 0.5 if arch.embedding_scaled else None
         setattr(self.model.get_submodule(parent), child,
-                StoredDtypeEmbedding(source.load_stored(arch.embedding).to(self.device), original.padding_idx, dtype))
+                StoredDtypeEmbedding(source.load_stored(arch.embedding).to(self.device), original.padding_idx, dtype,
+                                     scale))
         rotary = self.model.get_submodule(arch.rotary_module)
         parent, _, child = arch.rotary_module.rpartition(".")
         setattr(self.model.get_submodule(parent), child, type(rotary)(config=config).to(self.device))
@@ -69,13 +71,15 @@ class StoredDtypeEmbedding(nn.Module):
     """An embedding kept in the checkpoint's dtype whose looked-up rows come out in ``dtype``: the same values
     as a float32 copy of the table (bf16 and fp16 widen exactly), at half its memory."""
 
-    def __init__(self, weight: torch.Tensor, padding_idx: int | None, dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None, dtype: torch.dtype, scale: float | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.padding_idx, self.dtype = padding_idx, dtype
+        self.padding_idx, self.dtype, self.scale = padding_idx, dtype, scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(ids, self.weight, self.padding_idx).to(self.dtype)
+        rows = nn.functional.embedding(ids, self.weight, self.padding_idx).to(self.dtype)
+        # Gemma 3's embedding module scales its rows by sqrt(hidden) in the table's dtype, as here
+        return rows if self.scale is None else rows * torch.tensor(self.scale, dtype=self.dtype)
 
 
 class ActivationStore:
@@ -118,52 +122,13 @@ class FileStore(ActivationStore):
             self.path.unlink()
 
 
-class _StopForward(Exception):
-    pass
-
-
-def _same_kwargs(a: dict, b: dict) -> bool:
-    if a.keys() != b.keys():
-        return False
-    for key, value in a.items():
-        other = b[key]
-        if isinstance(value, torch.Tensor) or isinstance(other, torch.Tensor):
-            if not (isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor) and value.shape == other.shape
-                    and torch.equal(value, other)):
-                return False
-        elif isinstance(value, tuple) and isinstance(other, tuple):
-            if not _same_kwargs(dict(enumerate(value)), dict(enumerate(other))):
-                return False
-        elif value is not other and value != other:
-            return False
-    return True
-
-
 @torch.no_grad()
-def capture_rows(streamer: BlockStreamer, ids: torch.Tensor, store: ActivationStore) -> list[dict]:
-    """Each row's input to the first block into ``store``; returns each row's keyword arguments (rows with
-    equal ones share one dict: position embeddings are the same for every row of one length)."""
-    captured: list[tuple] = []
+def capture_rows(streamer: BlockStreamer, ids: torch.Tensor, store: ActivationStore) -> list[list[dict]]:
+    """Each row's input to the first block into ``store``; returns every block's keyword arguments per row
+    (``kwargs[row][block]``)."""
+    from quantkit.sequential import capture_block_calls
 
-    def hook(_module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _StopForward
-
-    handle = streamer.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    kwargs_per_row: list[dict] = []
-    try:
-        for index, row in enumerate(ids):
-            with contextlib.suppress(_StopForward):
-                streamer.model(input_ids=row[None].to(streamer.device), use_cache=False)
-            args, kwargs = captured.pop()
-            if len(args) != 1:
-                raise RuntimeError(f"the first block took {len(args)} positional arguments; expected the hidden states")
-            store.write(index, args[0])
-            previous = kwargs_per_row[-1] if kwargs_per_row else None
-            kwargs_per_row.append(previous if previous is not None and _same_kwargs(previous, kwargs) else kwargs)
-    finally:
-        handle.remove()
-    return kwargs_per_row
+    return capture_block_calls(streamer.model, streamer.blocks, ids, keep_first_input=store.write).kwargs
 
 
 BlockHook = Callable[[int, nn.Module], Callable[[], None]]
@@ -189,7 +154,7 @@ def run_blocks(streamer: BlockStreamer, ids: torch.Tensor, store: ActivationStor
         try:
             for row in range(len(ids)):
                 hidden = store.read(row).to(streamer.device)
-                store.write(row, block_output(block(hidden, **kwargs[row])))
+                store.write(row, block_output(block(hidden, **kwargs[row][index])))
         finally:
             if done:
                 done()
@@ -208,12 +173,14 @@ class OutputProjection:
     def __init__(self, source: ModelSource):
         name = source.arch.embedding if source.tied_embeddings else source.arch.lm_head
         self.weight = source.load_stored(name)  # the stored dtype: bf16 checkpoints keep half the memory
+        self.softcap = source.config.get("final_logit_softcapping")  # Gemma 2: logits = cap * tanh(logits / cap)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.float()
         parts = [hidden @ self.weight[start : start + self.VOCAB_CHUNK].float().T
                  for start in range(0, self.weight.shape[0], self.VOCAB_CHUNK)]
-        return torch.cat(parts, dim=-1)
+        logits = torch.cat(parts, dim=-1)
+        return logits if not self.softcap else torch.tanh(logits / self.softcap) * self.softcap
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from gguf.constants import GGUFEndian, GGUFValueType
 from gguf.gguf_writer import WriterState
 from tqdm import tqdm
 
+from quantkit.arch.base import hparam
 from quantkit.errors import QuantkitError
 from quantkit.grids import GGUF_GRIDS, GGUFBlockGrid, Grid, QuantizedWeight
 from quantkit.model import ROW_CHUNK_BYTES, ModelSource
@@ -29,7 +30,6 @@ from quantkit.recipe import Recipe
 from quantkit.sequential import GridPlan
 from quantkit.targets.base import ExportContext, Target
 from quantkit.targets.gguf_mixes import (
-    LAYERS_70B,
     ModelFacts,
     TypeChooser,
     check_overrides_used,
@@ -52,6 +52,7 @@ class PlannedTensor:
     ggml_type: GGMLType
     grid: GGUFBlockGrid | None
     rope_heads: int | None = None  # rows are permuted for llama.cpp's rope layout with this many heads
+    offset: float = 0.0  # added to the values (Gemma's norms: llama.cpp wants 1 + weight)
 
     def nbytes(self) -> int:
         block, type_size = gguf.GGML_QUANT_SIZES[self.ggml_type]
@@ -135,21 +136,6 @@ def _write_tensor_chunks(writer: gguf.GGUFWriter, nbytes: int, chunks: Iterator[
     writer.state = WriterState.WEIGHTS
 
 
-def _hparam(config: dict, key: str, default=None):
-    value = config.get(key, default)
-    if value is None:
-        raise QuantkitError(f"config.json lacks {key!r}; GGUF export needs it")
-    return value
-
-
-def _rope_theta(config: dict) -> float:
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", None):
-        raise QuantkitError(f"rope type {kind!r} is not supported by the GGUF target yet; only default rope is")
-    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
-
-
 class GGUFTarget(Target):
     kind = "gguf"
 
@@ -189,11 +175,10 @@ class GGUFTarget(Target):
         """llama.cpp's type choice for this file and recipe; None for float files, which take no options."""
         if not self.file_type.quantized:
             return None
-        n_head = _hparam(source.config, "num_attention_heads")
+        n_head = hparam(source.config, "num_attention_heads")
         n_kv = source.config.get("num_key_value_heads") or n_head
-        # llama.cpp's 70B size class: an 80-layer Qwen2, or an 80-layer Llama with grouped KV heads
-        size_70b = source.n_layers == LAYERS_70B and (n_kv != n_head or source.arch.gguf_arch == "qwen2")
-        facts = ModelFacts(source.n_layers, n_head // n_kv, source.tied_embeddings, size_70b,
+        facts = ModelFacts(source.n_layers, n_head // n_kv, source.tied_embeddings,
+                           source.arch.is_70b(source.n_layers, source.config),
                            imatrix=getattr(recipe, "imatrix", "none") not in (None, "none"))
         embd, out = recipe.token_embedding_type, recipe.output_tensor_type
         return TypeChooser(self.file_type, facts, recipe.pure, [parse_override(s) for s in recipe.tensor_types],
@@ -203,8 +188,7 @@ class GGUFTarget(Target):
     def plan(self, source: ModelSource, recipe: Recipe) -> list[PlannedTensor]:
         """Every tensor of the file with its GGUF type; overrides and fallbacks become report notes."""
         arch, cfg = source.arch, source.config
-        n_head = _hparam(cfg, "num_attention_heads")
-        n_kv = cfg.get("num_key_value_heads") or n_head
+        norms = arch.norm_weights(source.n_layers) if arch.norm_offset else set()
         chooser = self.chooser(source, recipe)
         float_type = GGMLType[self.file_type.base] if chooser is None else GGMLType.F16
         fallbacks: dict[tuple[int, str, str], list[str]] = {}  # (row length, wanted, written) -> names
@@ -214,7 +198,8 @@ class GGUFTarget(Target):
         def entry(hf: str, name: str, rope_heads: int | None = None, layer: int | None = None) -> PlannedTensor:
             shape = source.tensors[hf].shape
             if len(shape) == 1:  # norms and biases stay F32, as llama.cpp expects
-                return PlannedTensor(name, hf, shape, GGMLType.F32, None)
+                return PlannedTensor(name, hf, shape, GGMLType.F32, None,
+                                     offset=arch.norm_offset if hf in norms else 0.0)
             if chooser is None or any(fnmatch.fnmatch(hf, p) for p in recipe.exclude):
                 return PlannedTensor(name, hf, shape, float_type, None, rope_heads)
             chosen_names.append(name)
@@ -229,11 +214,7 @@ class GGUFTarget(Target):
         for i in range(source.n_layers):
             prefix = arch.block(i)
             for hf_rel, gguf_rel in arch.gguf_block_names.items():
-                heads = None
-                if arch.rope_permute and hf_rel.endswith("q_proj"):
-                    heads = n_head
-                elif arch.rope_permute and hf_rel.endswith("k_proj"):
-                    heads = n_kv
+                heads = arch.rope_heads(hf_rel, cfg)
                 plan.append(entry(f"{prefix}{hf_rel}.weight", f"blk.{i}.{gguf_rel}.weight", heads, i))
                 if hf_rel in arch.biased_linears:
                     plan.append(entry(f"{prefix}{hf_rel}.bias", f"blk.{i}.{gguf_rel}.bias", heads))
@@ -252,7 +233,7 @@ class GGUFTarget(Target):
         if needing and not chooser.facts.imatrix:
             raise QuantkitError(f"gguf:{self.type_name} needs an importance matrix: llama.cpp builds its Q2_K block "
                                 f"matrices ({needing[0]}, ...) only from one; pass --imatrix or use gguf:Q2_K")
-        _rope_theta(ctx.source.config)
+        ctx.source.arch.check_gguf(ctx.source.config)
         read_vocab(ctx.source.path, _tokenizer_config(ctx.source.path), _embedding_rows(ctx.source))
 
     @staticmethod
@@ -304,31 +285,16 @@ class GGUFTarget(Target):
         else:
             chunks = ctx.source.row_chunks(t.hf_name, multiple=head)
         for _, rows in chunks:
-            rows = _rope_rows(rows, head) if rows.ndim == 2 else rows
+            rows = _rope_rows(rows, head) if rows.ndim == 2 else rows + t.offset
             if t.grid is not None:
                 yield t.grid.round_to_bytes(rows, rounding.importance)
             else:
                 yield _float_bytes(rows, t.ggml_type)
 
     def _write_metadata(self, w: gguf.GGUFWriter, source: ModelSource) -> None:
-        cfg = source.config
-        n_head = _hparam(cfg, "num_attention_heads")
-        hidden = _hparam(cfg, "hidden_size")
-        head_dim = cfg.get("head_dim") or hidden // n_head
         w.add_name(source.path.name if not source.is_default else "quantkit-default")
         w.add_quantized_by("quantkit")
-        w.add_context_length(_hparam(cfg, "max_position_embeddings"))
-        w.add_embedding_length(hidden)
-        w.add_block_count(source.n_layers)
-        w.add_feed_forward_length(_hparam(cfg, "intermediate_size"))
-        w.add_head_count(n_head)
-        w.add_head_count_kv(cfg.get("num_key_value_heads") or n_head)
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-        w.add_rope_dimension_count(head_dim)
-        w.add_rope_freq_base(_rope_theta(cfg))
-        w.add_layer_norm_rms_eps(float(_hparam(cfg, "rms_norm_eps")))
-        w.add_vocab_size(_hparam(cfg, "vocab_size"))
+        source.arch.write_gguf_hparams(w, source.config, source.n_layers)
         w.add_file_type(self.file_type.ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab = read_vocab(source.path, _tokenizer_config(source.path), _embedding_rows(source))

@@ -29,7 +29,6 @@ FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 # llama.cpp treats a Llama/Qwen2 of 80 layers with grouped KV heads as its 70B size class, whose attn_v
 # gets more bits (8 query heads share each attn_v row, so it is small and worth it)
-LAYERS_70B = 80
 
 
 def block_size(type_name: str) -> int:
@@ -100,16 +99,18 @@ FILE_TYPES: dict[str, FileType] = {t.name: t for t in (
     FileType("Q5_0", "Q5_0", 8, {"ffn_down": _with_imatrix(_first_eighth("Q5_1"))}),
     FileType("Q4_1", "Q4_1", 3),
     FileType("Q4_0", "Q4_0", 2, {"ffn_down": _with_imatrix(_first_eighth("Q4_1"))}),
-    FileType("Q5_K_M", "Q5_K", 17, {"attn_v": _more_bits_to("Q6_K"), "ffn_down": _more_bits_to("Q6_K")}),
+    FileType("Q5_K_M", "Q5_K", 17, {"attn_v": _more_bits_to("Q6_K"), "ffn_down": _more_bits_to("Q6_K"),
+                                    "attn_qkv": _always("Q6_K")}),
     FileType("Q5_K_S", "Q5_K", 16),
-    FileType("Q4_K_M", "Q4_K", 15, {"attn_v": _more_bits_to("Q6_K"), "ffn_down": _more_bits_to("Q6_K")}),
+    FileType("Q4_K_M", "Q4_K", 15, {"attn_v": _more_bits_to("Q6_K"), "ffn_down": _more_bits_to("Q6_K"),
+                                    "attn_qkv": _always("Q5_K")}),
     FileType("Q4_K_S", "Q4_K", 14, {"attn_v": lambda i, m: "Q5_K" if i < 4 else None,
                                     "ffn_down": _first_eighth("Q5_K")}),
     FileType("Q3_K_L", "Q3_K", 13, {"attn_v": _always("Q5_K"), "ffn_down": _always("Q5_K"),
-                                    "attn_output": _always("Q5_K")}),
+                                    "attn_output": _always("Q5_K"), "attn_qkv": _always("Q4_K")}),
     FileType("Q3_K_M", "Q3_K", 12, {"attn_v": lambda i, m: "Q5_K" if i < 2 else "Q4_K",
                                     "ffn_down": lambda i, m: "Q5_K" if i < m.n_layers // 16 else "Q4_K",
-                                    "attn_output": _always("Q4_K")}),
+                                    "attn_output": _always("Q4_K"), "attn_qkv": _always("Q4_K")}),
     FileType("Q3_K_S", "Q3_K", 11),
     FileType("Q2_K", "Q2_K", 10, {"attn_v": _gqa4("Q4_K", "Q3_K"), "ffn_down": _always("Q3_K"),
                                   "attn_output": _always("Q3_K")}),

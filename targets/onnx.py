@@ -84,9 +84,13 @@ class ONNXTarget(Target):
         return f"model-{self.kind}" + ("" if self.activations == "fp32" else f"-{self.activations}")
 
     def validate(self, ctx: ExportContext) -> None:
-        from quantkit.targets.onnx_graph import MATMUL_NBITS_BITS, block_size_problem
+        from quantkit.targets.onnx_graph import FEATURES, MATMUL_NBITS_BITS, block_size_problem
 
         _require_onnx()
+        missing = sorted(ctx.source.arch.features - FEATURES)
+        if missing:
+            raise QuantkitError(f"{self.kind} cannot express {ctx.source.arch.name} models yet ({', '.join(missing)} "
+                                "not in its graph); use a gguf, hf-gptq or executorch target")
         grid = self.grid(ctx.recipe)
         if grid.bits not in MATMUL_NBITS_BITS:
             raise QuantkitError(f"{self.kind}: onnxruntime's MatMulNBits runs {', '.join(map(str, MATMUL_NBITS_BITS))}"

@@ -31,6 +31,8 @@ from quantkit.grids import QuantizedWeight
 from quantkit.model import ModelSource
 
 OPSET = 21
+# What this graph can express beyond a Llama block (see Architecture.features); other families are refused.
+FEATURES = frozenset({"linear biases", "q/k norms"})
 MS_DOMAIN = "com.microsoft"
 MATMUL_NBITS_BITS = (2, 4, 8)
 MIN_BLOCK = 16
@@ -313,8 +315,12 @@ class DecoderGraph:
     def _attention(self, i: int, prefix: str, x: str, cos: str, sin: str, bias: str) -> str:
         g, s = self.g, self.shape
         names = [f"{prefix}{n}" for n in self.arch.linears[:4]]  # q, k, v, o projections
-        q = self._rotate(self._heads(self._linear(x, names[0]), s.heads), cos, sin)
-        k = self._rotate(self._heads(self._linear(x, names[1]), s.kv_heads), cos, sin)
+        q = self._heads(self._linear(x, names[0]), s.heads)
+        k = self._heads(self._linear(x, names[1]), s.kv_heads)
+        if self.arch.qk_norms:  # per-head RMSNorm over head_dim before rope (Qwen3)
+            q_norm, k_norm = (f"{prefix}{n}.weight" for n in self.arch.qk_norms)
+            q, k = self._rms_norm(q, q_norm), self._rms_norm(k, k_norm)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         v = self._heads(self._linear(x, names[2]), s.kv_heads)
         keys = g.op_to("Concat", [f"past_key_values.{i}.key", k], f"present.{i}.key", axis=2)
         values = g.op_to("Concat", [f"past_key_values.{i}.value", v], f"present.{i}.value", axis=2)

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from quantkit.model import default_model_dir
 
@@ -48,6 +56,14 @@ TINY_CONFIGS = {
     "llama-tied": lambda: LlamaConfig(**TINY, tie_word_embeddings=True),
     "mistral": lambda: MistralConfig(**TINY, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**TINY, tie_word_embeddings=False),
+    # head_dim 48 is not hidden / heads (32): Qwen3 sets it on its own
+    "qwen3": lambda: Qwen3Config(**TINY, head_dim=48, tie_word_embeddings=True),
+    # 256-wide rows so llama.cpp's k-quant rules (attn_qkv's own) apply rather than their fallbacks
+    "phi3": lambda: Phi3Config(**{**TINY, "hidden_size": 256, "intermediate_size": 512}, pad_token_id=0,
+                               tie_word_embeddings=False),
+    # query_pre_attn_scalar = head_dim, as llama.cpp assumes below 27B; soft-capping at Gemma 2's defaults
+    "gemma2": lambda: Gemma2Config(**TINY, head_dim=32, query_pre_attn_scalar=32),
+    "gemma3": lambda: Gemma3TextConfig(**TINY, head_dim=32, query_pre_attn_scalar=32),
 }
 
 

@@ -16,7 +16,7 @@ def first_block_job(model_dir, grid):
     model = src.hf_model()
     samples = make_samples(src.tokenizer(), "builtin", "calib", 2, 32)
     block = model.model.layers[0]
-    inputs = capture_block_inputs(model, block, samples.ids)
+    inputs = capture_block_inputs(model, model.model.layers, samples.ids)
     return BlockJob(block, "model.layers.0.", src.arch, list(src.arch.linears), inputs, grid)
 
 

@@ -152,7 +152,7 @@ def test_f32_logits_equal_transformers_on_default_model(default_f32):
     assert err < 2e-3 * max(1.0, scale), (err, scale)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-tied", "mistral", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
 def test_f32_logits_equal_transformers_for_each_architecture(tiny_models, tmp_path, name):
     """Checks the rope permutation (llama, mistral), biases (qwen2) and tied embeddings in llama.cpp."""
     path = export(tiny_models[name], "F32", tmp_path / f"{name}.gguf")
@@ -219,14 +219,14 @@ def test_file_type_numbers_are_llama_cpps():
         assert file_type.ftype == getattr(llama_cpp, constant), name
 
 
-@pytest.mark.parametrize("name", ["llama-tied", "qwen2"])
+@pytest.mark.parametrize("name", ["llama-tied", "qwen2", "qwen3", "phi3"])
 @pytest.mark.parametrize("gguf_type", ["Q4_0", "Q4_K_M", "Q2_K"])
 def test_tied_and_narrow_models_match_llama_cpp(tiny_models, tmp_path, name, gguf_type):
     """128-wide rows fall back (Q4_K -> Q5_0, Q6_K -> Q8_0) and a tied embedding follows the output rule."""
     f32 = export(tiny_models[name], "F32", tmp_path / "f32.gguf")
     ours = tensors(export(tiny_models[name], gguf_type, tmp_path / "ours.gguf"))
     assert_same_tensors(ours, tensors(llama_quantize(f32, tmp_path / "theirs.gguf", gguf_type)))
-    if name == "llama-tied":
+    if name in ("llama-tied", "qwen3"):  # tied embeddings
         assert ours["token_embd.weight"].tensor_type == GGMLType.Q8_0
 
 
@@ -351,6 +351,9 @@ SPM_BPE = Path(__file__).parent / "data" / "spm_bpe"  # made by tests/data/make_
 LEGACY_SPACES = {"normalizer": {"type": "Sequence", "normalizers": [
     {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
     "pre_tokenizer": None}
+# Gemma's: spaces become "▁" with no prefix added (add_dummy_prefix off in its sentencepiece model)
+GEMMA_SPACES = {"normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+                "pre_tokenizer": None}
 
 
 @pytest.fixture
@@ -369,18 +372,20 @@ def spm_llama(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("spaces", ["metaspace", "normalizer"])
+@pytest.mark.parametrize("spaces", ["metaspace", "normalizer", "gemma"])
 def test_sentencepiece_bpe_tokenizer_tokenizes_like_hf_in_llama_cpp(spm_llama, tmp_path, spaces):
     import json
 
     from quantkit.targets import gguf_vocab
     from quantkit.targets.gguf import GGUFTarget
 
-    if spaces == "normalizer":
+    if spaces != "metaspace":
         spec = json.loads((spm_llama / "tokenizer.json").read_text())
-        (spm_llama / "tokenizer.json").write_text(json.dumps({**spec, **LEGACY_SPACES}))
+        (spm_llama / "tokenizer.json").write_text(json.dumps({**spec, **(LEGACY_SPACES if spaces == "normalizer"
+                                                                         else GEMMA_SPACES)}))
     vocab = gguf_vocab.read_vocab(spm_llama, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-    assert (vocab.model, vocab.pre, vocab.add_space_prefix, vocab.add_bos) == ("llama", "default", True, True)
+    prefix = spaces != "gemma"
+    assert (vocab.model, vocab.pre, vocab.add_space_prefix, vocab.add_bos) == ("llama", "default", prefix, True)
     assert (vocab.bos_id, vocab.eos_id, vocab.unk_id) == (1, 2, 0)
     assert vocab.token_types[vocab.tokens.index("<0x0A>")] == gguf_vocab.TOKEN_BYTE
     assert vocab.token_types[:3] == [gguf_vocab.TOKEN_UNKNOWN, gguf_vocab.TOKEN_CONTROL, gguf_vocab.TOKEN_CONTROL]

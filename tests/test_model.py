@@ -12,7 +12,9 @@ from quantkit.model import ModelSource
 
 
 @pytest.mark.parametrize("name,arch,tied", [("llama", "llama", False), ("llama-tied", "llama", True),
-                                            ("mistral", "mistral", False), ("qwen2", "qwen2", False)])
+                                            ("mistral", "mistral", False), ("qwen2", "qwen2", False),
+                                            ("qwen3", "qwen3", True), ("phi3", "phi3", False),
+                                            ("gemma2", "gemma2", True), ("gemma3", "gemma3", True)])
 def test_supported_architectures_load(tiny_models, name, arch, tied):
     src = ModelSource(tiny_models[name])
     assert src.arch.name == arch

@@ -52,6 +52,7 @@ TINY_CASES = {
     "llama-tied-asym-channel": ("llama-tied", dict(bits=4, group_size=-1, scheme="asym")),
     "mistral-8bit-g64": ("mistral", dict(bits=8, group_size=64, scheme="sym")),
     "qwen2-2bit-asym-g16": ("qwen2", dict(bits=2, group_size=16, scheme="asym")),
+    "qwen3-qk-norms-g32": ("qwen3", dict(bits=4, group_size=32, scheme="asym")),
 }
 
 

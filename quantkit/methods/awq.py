@@ -92,14 +92,15 @@ def _module_error(module: nn.Module, calls: ModuleCalls) -> float:
     return sum(float(((block_output(module(*args, **kwargs)) - ref) ** 2).mean()) for args, kwargs, ref in calls)
 
 
-def _scale_producer(module: nn.Module, s: torch.Tensor) -> None:
-    """Divide the producer's output channels by s (a norm's weight, or a linear's rows and bias)."""
+def _scale_producer(module: nn.Module, s: torch.Tensor, norm_offset: float = 0.0) -> None:
+    """Divide the producer's output channels by s (a norm's weight, or a linear's rows and bias). A norm that
+    scales by (offset + weight), as Gemma's do, gets the weight for which that factor is divided by s."""
     if isinstance(module, nn.Linear):
         module.weight.div_(s[:, None])
         if module.bias is not None:
             module.bias.div_(s)
     else:
-        module.weight.div_(s)
+        module.weight.copy_((module.weight + norm_offset) / s - norm_offset)
 
 
 @torch.no_grad()
@@ -147,7 +148,7 @@ def search_scale(job: BlockJob, consumers: list[str], quantized: list[str], insp
 
 
 def _fold(job: BlockJob, producer: str, consumers: list[str], s: torch.Tensor) -> None:
-    _scale_producer(job.block.get_submodule(producer), s)
+    _scale_producer(job.block.get_submodule(producer), s, job.arch.norm_offset)
     for name in consumers:
         job.block.get_submodule(name).weight.mul_(s)
 

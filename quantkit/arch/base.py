@@ -1,0 +1,197 @@
+"""What a model family is, as data: its tensors, the order its block runs them, where scales fold, and how
+llama.cpp names and describes it.
+
+A family module (``quantkit/arch/<family>.py``) builds one ``Architecture`` and registers it; nothing in the
+pipeline, the methods or the targets branches on the family. A target that cannot express something a
+family needs (``Architecture.features``) refuses it by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from quantkit.errors import QuantkitError
+
+# Linears of a Llama-style decoder block, in the order the block executes them.
+LLAMA_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+# HF block-relative tensor name -> GGUF block-relative tensor name (without ".weight"/".bias").
+LLAMA_GGUF_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+# llama.cpp's size class of an 80-layer model, which its quantizer rules read (n_layer 80 = "70B")
+LAYERS_70B = 80
+
+
+@dataclass(frozen=True)
+class FoldPoint:
+    """A scale applied to the inputs of ``consumers`` can be folded into ``producer``'s output; AWQ scores a
+    candidate scale on the output of ``inspect``, the smallest module that holds all the consumers."""
+
+    producer: str
+    consumers: tuple[str, ...]
+    inspect: str
+
+
+def hparam(config: dict, key: str, default=None):
+    """A config.json value a target cannot do without."""
+    value = config.get(key, default)
+    if value is None:
+        raise QuantkitError(f"config.json lacks {key!r}; exporting this model needs it")
+    return value
+
+
+def rope_theta(config: dict) -> float:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", None):
+        raise QuantkitError(f"rope type {kind!r} is not supported by the GGUF target yet; only default rope is")
+    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    hf_class: str
+    gguf_arch: str
+    linears: tuple[str, ...] = LLAMA_LINEARS
+    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    block_prefix: str = "model.layers.{index}."
+    blocks_module: str = "model.layers"
+    rotary_module: str = "model.rotary_emb"
+    # Linears that read the same input, in execution order (sequential methods quantize group by group).
+    linear_groups: tuple[tuple[str, ...], ...] = (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    )
+    embedding: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    lm_head: str = "lm_head.weight"
+    gguf_block_names: dict[str, str] = field(default_factory=lambda: dict(LLAMA_GGUF_NAMES))
+    # llama.cpp's "llama" graph applies rope to interleaved pairs: q/k rows are permuted on export.
+    rope_permute: bool = True
+    # Linears that carry a bias tensor (Qwen2's q/k/v).
+    biased_linears: tuple[str, ...] = ()
+    # Per-head RMSNorms applied to the queries and keys before rope (Qwen3): block-relative module names.
+    qk_norms: tuple[str, ...] = ()
+    # q/k/v and gate/up are each one fused linear (Phi-3): ``linears`` lists them as such
+    fused: bool = False
+    # RMSNorms that scale by (offset + weight) (Gemma: 1): GGUF stores offset + weight, AWQ folds through it
+    norm_offset: float = 0.0
+    # the embedding module itself multiplies its rows by sqrt(hidden_size) (Gemma 3; Gemma 2 does it in the
+    # model's forward, which quantkit's passes run)
+    embedding_scaled: bool = False
+    # the MLP's activation as the graph targets name it (silu: SwiGLU; gelu_tanh: GeGLU)
+    activation: str = "silu"
+    fold_points: tuple[FoldPoint, ...] = (
+        FoldPoint("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        FoldPoint("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+        FoldPoint("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        FoldPoint("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+    )
+    # llama.cpp calls an 80-layer model "70B" (which its quantizer rules read) only with grouped KV heads for
+    # some families (llama: 80 layers and n_kv == n_head is its 65B), for others at any head count (qwen2).
+    size_70b_needs_gqa: bool = True
+
+    def block(self, index: int) -> str:
+        return self.block_prefix.format(index=index)
+
+    def linear_weights(self, index: int) -> list[str]:
+        """Full tensor names of the block's linear weights, in execution order."""
+        return [f"{self.block(index)}{name}.weight" for name in self.linears]
+
+    @property
+    def features(self) -> frozenset[str]:
+        """What a graph of this family needs beyond a Llama block: targets that build their own graph check it."""
+        found = set()
+        if self.biased_linears:
+            found.add("linear biases")
+        if self.qk_norms:
+            found.add("q/k norms")
+        if self.fused:
+            found.add("fused qkv and gate_up linears")
+        if self.norm_offset:
+            found.add("offset norms")
+        if self.activation != "silu":
+            found.add(f"{self.activation} activation")
+        return frozenset(found)
+
+    # ---- GGUF -----------------------------------------------------------------------------------
+    def gguf_names(self, n_layers: int) -> dict[str, str]:
+        """HF tensor name -> GGUF tensor name for every tensor of a GGUF file of this family."""
+        names = {self.embedding: "token_embd.weight", self.final_norm: "output_norm.weight",
+                 self.lm_head: "output.weight"}
+        for i in range(n_layers):
+            for hf_rel, gguf_rel in self.gguf_block_names.items():
+                names[f"{self.block(i)}{hf_rel}.weight"] = f"blk.{i}.{gguf_rel}.weight"
+                if hf_rel in self.biased_linears:
+                    names[f"{self.block(i)}{hf_rel}.bias"] = f"blk.{i}.{gguf_rel}.bias"
+        return names
+
+    def norm_weights(self, n_layers: int) -> set[str]:
+        """Every RMSNorm weight of the model (the final norm, each block's, q/k norms)."""
+        names = {self.final_norm}
+        for i in range(n_layers):
+            names.update(f"{self.block(i)}{n}.weight" for n in (*self.norms, *self.qk_norms))
+        return names
+
+    def rope_heads(self, hf_rel: str, config: dict) -> int | None:
+        """Heads of a q/k projection whose rows llama.cpp's graph wants in its interleaved rope layout."""
+        if not self.rope_permute:
+            return None
+        n_head = hparam(config, "num_attention_heads")
+        if hf_rel == self.linears[0]:
+            return n_head
+        if hf_rel == self.linears[1]:
+            return config.get("num_key_value_heads") or n_head
+        return None
+
+    def is_70b(self, n_layers: int, config: dict) -> bool:
+        n_head = hparam(config, "num_attention_heads")
+        n_kv = config.get("num_key_value_heads") or n_head
+        return n_layers == LAYERS_70B and (n_kv != n_head or not self.size_70b_needs_gqa)
+
+    def write_gguf_hparams(self, w, config: dict, n_layers: int) -> None:
+        """The family's hyperparameters under llama.cpp's keys (``w`` is a ``gguf.GGUFWriter`` for
+        ``gguf_arch``, which prefixes them with the architecture name)."""
+        n_head = hparam(config, "num_attention_heads")
+        hidden = hparam(config, "hidden_size")
+        head_dim = config.get("head_dim") or hidden // n_head
+        w.add_context_length(hparam(config, "max_position_embeddings"))
+        w.add_embedding_length(hidden)
+        w.add_block_count(n_layers)
+        w.add_feed_forward_length(hparam(config, "intermediate_size"))
+        w.add_head_count(n_head)
+        w.add_head_count_kv(config.get("num_key_value_heads") or n_head)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(head_dim)
+        w.add_rope_freq_base(rope_theta(config))
+        w.add_layer_norm_rms_eps(float(hparam(config, "rms_norm_eps")))
+        w.add_vocab_size(hparam(config, "vocab_size"))
+
+    def check_gguf(self, config: dict) -> None:
+        """Fail before any work when config.json lacks what the GGUF file needs."""
+        rope_theta(config)
+        for key in ("num_attention_heads", "hidden_size", "max_position_embeddings", "intermediate_size",
+                    "rms_norm_eps", "vocab_size"):
+            hparam(config, key)

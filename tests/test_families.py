@@ -1,0 +1,50 @@
+"""Each family beyond Llama end to end: quantized, exported to every target that can express it, and
+checked in that target's runtime (tiny random checkpoints: accuracy gates are off, the runtimes' logits
+are compared with the unquantized model's by the pipeline and must be finite and scored)."""
+
+import math
+
+import pytest
+
+import quantkit
+from tests.runtimes import require
+
+require("llama_cpp")
+require("gptqmodel")
+
+# family -> targets that can express it (the others must refuse it by name)
+FAMILY_TARGETS = {  # family -> (method, targets)
+    "qwen3": ("gptq", ["gguf:Q8_0", "gguf:Q4_K_M", "hf-gptq", "onnx"]),
+    "phi3": ("gptq", ["gguf:Q8_0", "gguf:Q3_K_M", "hf-gptq", "executorch"]),
+    "gemma2": ("gptq", ["gguf:Q8_0", "gguf:Q4_K_M", "hf-gptq", "executorch"]),
+    # AWQ folds its scales through Gemma's (1 + weight) norms
+    "gemma3": ("awq", ["gguf:Q8_0", "gguf:Q4_K_M", "hf-awq"]),
+}
+REFUSED = {
+    "phi3": {"onnx": "onnx cannot express phi3 models yet (fused qkv and gate_up linears"},
+    "gemma2": {"onnx": "onnx cannot express gemma2 models yet (gelu_tanh activation, offset norms"},
+    "gemma3": {"ort": "ort cannot express gemma3 models yet (gelu_tanh activation, offset norms"},
+}
+NO_GATE = dict(max_ppl_increase_pct=1e9, max_kld=1e9, min_top1=0.0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_TARGETS))
+def test_family_ships_to_every_target_that_can_express_it(tiny_models, tmp_path, family):
+    method, targets = FAMILY_TARGETS[family]
+    result = quantkit.ship(tiny_models[family], targets=targets, out=tmp_path / "o", method=method,
+                           group_size=32, calib_samples=2, eval_samples=2, seq_len=64, **NO_GATE)
+    assert result.ok and result.manifest["model"]["architecture"] == family
+    for art in result.artifacts:
+        assert (result.out_dir / art.path).exists()
+        assert math.isfinite(art.metrics["perplexity"]) and art.metrics["top1"] > 0.5, (art.target, art.metrics)
+        if art.tokenizer_check is not None:
+            assert art.tokenizer_check["match"], art.target
+
+
+@pytest.mark.parametrize("family,target", [(f, t) for f, targets in REFUSED.items() for t in targets])
+def test_family_a_target_cannot_express_is_refused_by_name(tiny_models, tmp_path, family, target):
+    from quantkit.errors import QuantkitError
+
+    with pytest.raises(QuantkitError, match=REFUSED[family][target].replace("(", r"\(")):
+        quantkit.ship(tiny_models[family], targets=[target], out=tmp_path / "o", eval_samples=1, seq_len=32)
+    assert not (tmp_path / "o").exists()
