@@ -34,9 +34,10 @@ CACHE = Path.home() / ".cache" / "quantkit" / f"llama.cpp-{VERSION}"
 
 
 def build_tools(cache: Path) -> Path:
-    """llama-quantize built from llama-cpp-python's sdist (its vendored llama.cpp); returns the binary."""
+    """llama-quantize and llama-bench built from llama-cpp-python's sdist (its vendored llama.cpp); returns
+    llama-quantize (llama-bench lies beside it, for benchmarks/bench_smollm2.py)."""
     binary = cache / "build" / "bin" / "llama-quantize"
-    if binary.is_file():
+    if binary.is_file() and binary.with_name("llama-bench").is_file():
         return binary
     cache.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
@@ -48,7 +49,8 @@ def build_tools(cache: Path) -> Path:
     subprocess.run(["cmake", "-S", str(source), "-B", str(cache / "build"), "-DCMAKE_BUILD_TYPE=Release",
                     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                     "-DLLAMA_CURL=OFF"], check=True)
-    subprocess.run(["cmake", "--build", str(cache / "build"), "--target", "llama-quantize", "-j2"], check=True)
+    subprocess.run(["cmake", "--build", str(cache / "build"), "--target", "llama-quantize", "llama-bench",
+                    "-j2"], check=True)
     return binary
 
 
@@ -61,10 +63,14 @@ def main() -> None:
     ap.add_argument("model", nargs="?", default=None, help="Hugging Face folder (default: the embedded model)")
     ap.add_argument("--types", default="Q4_K_M,Q3_K_M,Q4_0")
     ap.add_argument("--tools", type=Path, default=CACHE, help="where llama.cpp's tools are (or get) built")
+    ap.add_argument("--build-only", action="store_true", help="build the tools and print where they are")
     args = ap.parse_args()
     from quantkit.imatrix import read_imatrix, write_imatrix
 
     quantize = build_tools(args.tools)
+    if args.build_only:
+        print(quantize.parent)
+        return
     types = args.types.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

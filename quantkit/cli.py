@@ -1,4 +1,4 @@
-"""Command line: ``quantkit ship`` and ``quantkit inspect``.
+"""Command line: ``quantkit ship``, ``quantkit bench`` (and ``bench compare``) and ``quantkit inspect``.
 
 Exit codes: 0 success; 1 an artifact was rejected (accuracy gate or tokenizer; it is kept under
 OUT/rejected/); 2 bad input (one line on stderr naming the problem and the fix; nothing written);
@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
@@ -142,6 +143,59 @@ def _add_ship(sub) -> None:
     o.add_argument("--quiet", action="store_true", help="no progress bars or step messages")
     o.add_argument("--verbose", action="store_true",
                    help="let third-party libraries print their warnings and logs (hidden by default)")
+    b = p.add_argument_group("benchmark (after a successful ship; see quantkit bench --help)")
+    b.add_argument("--bench", action="store_true", help="benchmark every accepted artifact on this machine")
+    b.add_argument("--bench-json", metavar="FILE", help="with --bench: write its JSON Lines to FILE")
+    _add_bench_options(b)
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _add_bench_options(group, runtime_flags: tuple[str, ...] = ("--bench-runtime",)) -> None:
+    from quantkit.bench.runners import RUNNERS, cpu_count
+
+    group.add_argument("--prompt-tokens", type=_ints, default=(128, 512), metavar="N[,N...]",
+                       help="prompt lengths, one workload each: prefill throughput and time to first token "
+                       "(default: 128,512)")
+    group.add_argument("--gen-tokens", type=int, default=128, help="decode steps after each prompt (default: 128)")
+    group.add_argument("--threads", type=int, default=cpu_count(),
+                       help=f"threads the runtime may use (default: the CPUs this process may use, {cpu_count()})")
+    group.add_argument("--repetitions", type=int, default=5,
+                       help="measured sequences per workload; medians and 95%% intervals over them (default: 5)")
+    group.add_argument("--warmup", type=int, default=1, help="unmeasured sequences before them (default: 1)")
+    group.add_argument(*runtime_flags, dest="bench_runtime", choices=sorted(RUNNERS),
+                       help="runtime to load every artifact with (default: chosen from each artifact)")
+    group.add_argument("--pin", action="store_true", help="pin the runtime to the first --threads CPUs")
+
+
+BENCH_EPILOG = """\
+ARTIFACT is a .gguf file (llama.cpp), an onnx / ort artifact folder or its model file (onnxruntime), a
+manifest.json or a quantkit ship output folder (every artifact in it, with its accuracy from the manifest).
+Each artifact runs in its own child process: load, then per workload --warmup unmeasured and --repetitions
+measured sequences of a random-token prompt and --gen-tokens greedy decode steps. Not benchmarked yet:
+ExecuTorch .pte and Hugging Face checkpoint folders (hf-gptq / hf-awq).
+
+  quantkit bench compare OLD.jsonl NEW.jsonl   flags throughput / time-to-first-token regressions of NEW
+      (one-sided Mann-Whitney U test on the per-repetition samples, p < 0.01); exit 1 when any is found
+
+exit codes: 0 done, 1 a regression (compare), 2 bad input (an artifact no runtime loads, unknown runtime),
+3 a runtime crashed mid-run (measurements taken before it are kept in --json FILE).
+"""
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="measure load time, latency, throughput and memory of artifacts",
+                       description="Benchmark artifacts in their runtimes on this machine. 'quantkit bench compare "
+                       "OLD.jsonl NEW.jsonl' compares two runs.", epilog=BENCH_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT_OR_MANIFEST")
+    p.add_argument("--json", metavar="FILE", help="write JSON Lines (schema quantkit.bench/1) with raw samples")
+    _add_bench_options(p, ("--runtime", "--bench-runtime"))
 
 
 def _add_inspect(sub) -> None:
@@ -159,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"quantkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_ship(sub)
+    _add_bench(sub)
     _add_inspect(sub)
     return parser
 
@@ -220,6 +275,54 @@ def _run_ship(args) -> int:
         for line in rejection_report(result):
             print(line, file=sys.stderr)
         return 1
+    if args.bench:
+        _bench([str(result.out_dir)], args, args.bench_json, table_stream)
+    return 0
+
+
+def _bench_options(args):
+    from quantkit.bench import BenchOptions
+
+    return BenchOptions(prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, threads=args.threads,
+                        repetitions=args.repetitions, warmup=args.warmup, runtime=args.bench_runtime, pin=args.pin)
+
+
+def _bench(inputs: list[str], args, json_path: str | None, stream=sys.stdout) -> None:
+    from quantkit.bench import bench, table
+
+    options = _bench_options(args)
+
+    def progress(record: dict) -> None:
+        w = record["workload"]
+        print(f"benched {record['artifact']['name']} pp{w['prompt_tokens']}/tg{w['gen_tokens']}", file=sys.stderr)
+
+    records = bench(inputs, options, Path(json_path) if json_path else None, on_measurement=progress)
+    print(table(records), file=stream)
+    if json_path:
+        print(f"wrote {json_path}", file=stream)
+
+
+def _run_bench(args) -> int:
+    _bench(args.artifacts, args, args.json)
+    return 0
+
+
+def _run_bench_compare(argv: list[str]) -> int:
+    from quantkit.bench import compare, compare_table, read_jsonl
+
+    p = argparse.ArgumentParser(prog="quantkit bench compare",
+                                description="Flag regressions of NEW against OLD beyond their noise.")
+    p.add_argument("old", metavar="OLD.jsonl")
+    p.add_argument("new", metavar="NEW.jsonl")
+    p.add_argument("--alpha", type=float, default=0.01, help="significance level of the test (default: 0.01)")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    args = p.parse_args(argv)
+    findings = compare(read_jsonl(Path(args.old)), read_jsonl(Path(args.new)), args.alpha)
+    print(json.dumps(findings, indent=2) if args.json else compare_table(findings))
+    regressions = [f for f in findings if f["regression"]]
+    if regressions:
+        print(f"error: {len(regressions)} regression(s) beyond noise in {args.new}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -252,14 +355,20 @@ INTERNAL_ERROR = 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "compare"]:
+        try:
+            return _run_bench_compare(argv[2:])
+        except QuantkitError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
     args = build_parser().parse_args(argv)
     from quantkit.quiet import third_party_quiet
 
     try:
         with third_party_quiet(enabled=not getattr(args, "verbose", False)):
-            if args.command == "ship":
-                return _run_ship(args)
-            return _run_inspect(args)
+            runners = {"ship": _run_ship, "bench": _run_bench, "inspect": _run_inspect}
+            return runners[args.command](args)
     except QuantkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -11,7 +11,6 @@ import json
 import os
 import struct
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from quantkit.arch.base import hparam
 from quantkit.errors import QuantkitError
 from quantkit.grids import GGUF_GRIDS, GGUFBlockGrid, Grid, QuantizedWeight
+from quantkit.llamacpp import without_extra_buffer_types
 from quantkit.model import ROW_CHUNK_BYTES, ModelSource
 from quantkit.recipe import Recipe
 from quantkit.sequential import GridPlan
@@ -413,30 +413,6 @@ class RowLogits:
         return np.array(self[self.decoded :], dtype=dtype)
 
 
-@contextmanager
-def _without_extra_buffer_types():
-    """Load llama.cpp models with ``use_extra_bufts = False``.
-
-    llama-cpp-python 0.3.36's Llama() offers no argument for it, and on CPUs with AMX the AMX
-    repack buffer segfaults on Q4_0 models (seen on this project's machines). The plain CPU buffer
-    computes the same results, so we patch the default model params while constructing.
-    """
-    import llama_cpp.llama as llama_module
-
-    original = llama_module.llama_cpp.llama_model_default_params
-
-    def params():
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    llama_module.llama_cpp.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        llama_module.llama_cpp.llama_model_default_params = original
-
-
 def load_llama(path: Path, n_ctx: int):
     """A llama.cpp model that returns logits for every position."""
     try:
@@ -444,7 +420,7 @@ def load_llama(path: Path, n_ctx: int):
     except ImportError:
         raise QuantkitError("llama-cpp-python is not installed; pip install 'quantkit[llama]'") from None
     try:
-        with _without_extra_buffer_types():
+        with without_extra_buffer_types():
             # micro-batches of 128 tokens: the compute buffer holds one micro-batch's logits (same results and
             # speed as one 512-token micro-batch, measured; 76 MB less at a 49k vocabulary)
             return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, UBATCH), logits_all=True,

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from quantkit.errors import QuantkitError
 from quantkit.grids import IntGrid
 from quantkit.model import ModelSource
+from quantkit.onnx_decoder import OnnxDecoder
 from quantkit.recipe import Recipe
 from quantkit.targets.base import ExportContext, Target
 from quantkit.targets.hf_checkpoint import copy_model_files, unsigned_codes_and_zeros
@@ -148,44 +149,3 @@ class ONNXTarget(Target):
 
     def notes(self) -> list[str]:
         return [f"{self.activations} activations; quantized linears are com.microsoft MatMulNBits"]
-
-
-class OnnxDecoder:
-    """An onnxruntime session over a quantkit decoder graph (``.onnx`` or ``.ort``), with its KV cache."""
-
-    def __init__(self, model_file: Path):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
-        self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.float_dtype = np.float16 if "float16" in self.past_inputs[0].type else np.float32
-
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, i.shape[1], 0, i.shape[3]), self.float_dtype) for i in self.past_inputs]
-
-    def forward(self, ids: np.ndarray, past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits of ``ids`` (B, S) after ``past`` (the cache of earlier tokens) and the updated cache."""
-        batch, new = ids.shape
-        past = past if past is not None else self.empty_cache(batch)
-        done = past[0].shape[2]
-        feeds = {"input_ids": ids.astype(np.int64),
-                 "attention_mask": np.ones((batch, done + new), np.int64),
-                 "position_ids": np.broadcast_to(np.arange(done, done + new, dtype=np.int64), (batch, new)).copy()}
-        feeds.update({i.name: p for i, p in zip(self.past_inputs, past, strict=True)})
-        logits, *present = self.session.run(self.output_names, feeds)
-        return logits, present
-
-
-def greedy_generate(model_file: Path, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy decoding with the KV cache: the prompt in one pass, then one token per step."""
-    decoder = OnnxDecoder(model_file)
-    logits, cache = decoder.forward(np.asarray([prompt], np.int64))
-    out = []
-    for _ in range(new_tokens):
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        logits, cache = decoder.forward(np.asarray([[token]], np.int64), cache)
-    return out

@@ -13,9 +13,9 @@ from quantkit.errors import QuantkitError
 from quantkit.grids import IntGrid
 from quantkit.methods import RoundToNearest
 from quantkit.model import ModelSource
+from quantkit.onnx_decoder import OnnxDecoder, greedy_generate
 from quantkit.recipe import Recipe, quantized_tensor_names
 from quantkit.targets import onnx as onnx_target
-from quantkit.targets.onnx import OnnxDecoder, greedy_generate
 from tests.helpers import decoded_reference
 from tests.runtimes import require
 

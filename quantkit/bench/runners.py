@@ -1,0 +1,182 @@
+"""One runner per runtime: load an artifact, run a prompt through it (prefill) and then one token at a time
+(decode) with greedy sampling, as an application would. Runners import only their runtime and numpy (no
+torch), because they run in the benchmark's child process, whose memory is what is measured.
+
+Adding a runtime is one class here plus a line in ``RUNNERS``; ``runtime_for`` picks one from an artifact.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+
+class RunnerError(Exception):
+    """The runtime cannot load or run the artifact (reported as bad input, exit 2)."""
+
+
+class Runner:
+    name = ""
+    packages: tuple[str, ...] = ()
+
+    def __init__(self, path: Path, threads: int, n_ctx: int):
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the KV cache: the next ``prefill`` starts a new sequence."""
+
+    def prefill(self, tokens: list[int]) -> int:
+        """Run the prompt; return the greedy next token."""
+        raise NotImplementedError
+
+    def step(self, token: int) -> int:
+        """Run one token after the sequence so far; return the greedy next token."""
+        raise NotImplementedError
+
+    def counters(self) -> dict | None:
+        """The runtime's own timing of the last sequence, where it keeps one."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        found = {}
+        for package in cls.packages:
+            try:
+                found[package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                found[package] = "not installed"
+        return found
+
+
+class LlamaCppRunner(Runner):
+    """llama.cpp through llama-cpp-python: ``Llama.eval`` for the prompt and each decoded token."""
+
+    name = "llama.cpp"
+    packages = ("llama-cpp-python",)
+
+    def __init__(self, path: Path, threads: int, n_ctx: int):
+        try:
+            import llama_cpp
+            from llama_cpp import Llama
+        except ImportError:
+            raise RunnerError("llama-cpp-python is not installed; pip install 'quantkit[llama]'") from None
+        from quantkit.llamacpp import without_extra_buffer_types
+
+        self._lib = llama_cpp
+        try:
+            with without_extra_buffer_types():
+                self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
+                                 n_threads_batch=threads, verbose=False, seed=0)
+        except ValueError as exc:
+            raise RunnerError(f"llama.cpp could not load {path} ({exc})") from None
+        self._vocab = self.llm.n_vocab()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def reset(self) -> None:
+        self.llm.reset()  # the next eval drops the cache from position 0
+        self._lib.llama_perf_context_reset(self.llm._ctx.ctx)
+
+    def _next(self) -> int:
+        # llama.cpp's output buffer holds the last token's logits (Llama.scores is filled only with logits_all)
+        return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab_size,))))
+
+    def prefill(self, tokens: list[int]) -> int:
+        self.llm.eval(tokens)
+        return self._next()
+
+    def step(self, token: int) -> int:
+        self.llm.eval([token])
+        return self._next()
+
+    def counters(self) -> dict:
+        """llama.cpp's own counters (``llama_perf_context``) since the last reset: prompt and decode time."""
+        perf = self._lib.llama_perf_context(self.llm._ctx.ctx)
+        return {"prompt_ms": perf.t_p_eval_ms, "prompt_tokens": perf.n_p_eval,
+                "decode_ms": perf.t_eval_ms, "decode_tokens": perf.n_eval}
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class OnnxRuntimeRunner(Runner):
+    """onnxruntime (CPU provider) over quantkit's decoder graph (``.onnx`` or ``.ort``) with its KV cache."""
+
+    name = "onnxruntime"
+    packages = ("onnxruntime",)
+
+    def __init__(self, path: Path, threads: int, n_ctx: int):
+        try:
+            import onnxruntime  # noqa: F401 - fail early with the install hint
+        except ImportError:
+            raise RunnerError("onnxruntime is not installed; pip install 'quantkit[onnx]'") from None
+        from quantkit.onnx_decoder import OnnxDecoder
+
+        try:
+            self.decoder = OnnxDecoder(path, threads=threads)
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+            raise RunnerError(f"onnxruntime could not load {path} ({str(exc).splitlines()[0]})") from None
+        self.cache = None
+        self._vocab = None
+
+    @property
+    def vocab_size(self) -> int:
+        if self._vocab is None:
+            logits, _ = self.decoder.forward(np.zeros((1, 1), np.int64))
+            self._vocab = logits.shape[-1]
+        return self._vocab
+
+    def reset(self) -> None:
+        self.cache = None
+
+    def _run(self, ids: list[int]) -> int:
+        logits, self.cache = self.decoder.forward(np.asarray([ids], np.int64), self.cache)
+        return int(logits[0, -1].argmax())
+
+    def prefill(self, tokens: list[int]) -> int:
+        return self._run(tokens)
+
+    def step(self, token: int) -> int:
+        return self._run([token])
+
+
+RUNNERS: dict[str, type[Runner]] = {r.name: r for r in (LlamaCppRunner, OnnxRuntimeRunner)}
+
+
+def model_file(path: Path) -> Path:
+    """The file a runtime opens for an artifact path (a folder artifact holds one model file)."""
+    if path.is_dir():
+        for candidate in ("model.onnx", "model.ort"):
+            if (path / candidate).is_file():
+                return path / candidate
+    return path
+
+
+def runtime_for(path: Path) -> str:
+    """The runtime that loads an artifact, from its file type."""
+    suffix = model_file(path).suffix
+    by_suffix = {".gguf": "llama.cpp", ".onnx": "onnxruntime", ".ort": "onnxruntime"}
+    if suffix in by_suffix:
+        return by_suffix[suffix]
+    if suffix == ".pte" or path.is_dir():
+        kind = "ExecuTorch .pte" if suffix == ".pte" else "Hugging Face checkpoint folder"
+        raise RunnerError(f"benchmarking a {kind} ({path}) is not supported yet; quantkit bench runs GGUF "
+                          "(llama.cpp) and ONNX/ORT (onnxruntime) artifacts")
+    raise RunnerError(f"no runtime loads {path}: expected a .gguf file, an ONNX/ORT artifact folder, a "
+                      "manifest.json or a quantkit output folder")
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,164 @@
+"""quantkit bench: statistics against scipy and hand-computed values, the measuring child against the
+runtimes' own counters, JSON Lines content, compare's decisions, and bad input."""
+
+import json
+import sys
+
+import pytest
+
+from quantkit.bench import BenchError, BenchOptions, compare, read_jsonl, stats
+from quantkit.bench.core import Artifact, bench_artifact
+from quantkit.cli import main
+from quantkit.errors import QuantkitError
+from tests.runtimes import require
+
+require("llama_cpp")
+require("onnxruntime")
+scipy_stats = require("scipy.stats")
+
+SMALL = ["--prompt-tokens", "16,32", "--gen-tokens", "8", "--repetitions", "3", "--warmup", "0", "--threads", "1"]
+METRICS = {"load_s", "ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_ms_p50", "decode_ms_p90", "decode_ms_p99",
+           "peak_rss_mb_load", "rss_mb_load", "rss_mb_steady", "peak_rss_mb", "baseline_rss_mb"}
+
+
+# ---- statistics -------------------------------------------------------------------------------
+@pytest.mark.parametrize("x,y", [
+    ([1.0, 2, 3, 4, 5], [6.0, 7, 8, 9, 10]),          # complete separation: p = 1 / C(10, 5) = 1/252
+    ([3.1, 1.2, 5.5, 2.0], [2.5, 4.4, 6.1, 0.3, 7.7]),  # interleaved, no ties: exact
+    ([1.0, 2, 2, 3, 5, 5, 5], [2.0, 4, 5, 6, 6, 7]),     # ties: normal approximation with tie correction
+])
+def test_mann_whitney_matches_scipy(x, y):
+    method = "exact" if len(set(x) | set(y)) == len(x) + len(y) else "asymptotic"
+    expected = scipy_stats.mannwhitneyu(x, y, alternative="less", method=method).pvalue
+    assert stats.mann_whitney_less(x, y) == pytest.approx(expected, rel=1e-9)
+    if method == "exact":
+        assert stats.mann_whitney_less([1.0, 2, 3, 4, 5], [6.0, 7, 8, 9, 10]) == pytest.approx(1 / 252)
+
+
+def test_median_interval_is_the_binomial_order_statistics():
+    # n = 20: ranks 6 and 15 (the textbook table; coverage 1 - 2 P(Binomial(20, 1/2) <= 5) = 0.9586)
+    assert stats.median_ci([float(v) for v in range(1, 21)]) == (6.0, 15.0)
+    # under 6 samples no pair reaches 95 %: the range
+    assert stats.median_ci([5.0, 1.0, 3.0, 2.0, 4.0]) == (1.0, 5.0)
+
+
+def test_percentile_matches_numpy():
+    np = pytest.importorskip("numpy")
+    values = [0.3, 9.1, 4.4, 2.2, 7.7, 1.5, 3.3]
+    for q in (50, 90, 99):
+        assert stats.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+# ---- a real run -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """The embedded model shipped to a GGUF file and an ONNX folder (export only: bench reads the manifest)."""
+    out = tmp_path_factory.mktemp("bench") / "out"
+    assert main(["ship", "--targets", "gguf:Q8_0,onnx", "--out", str(out), "--no-verify", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def records(shipped):
+    jsonl = shipped.parent / "run.jsonl"
+    assert main(["bench", str(shipped), "--json", str(jsonl), *SMALL]) == 0
+    return read_jsonl(jsonl)
+
+
+def test_bench_writes_environment_and_one_measurement_per_artifact_and_workload(records):
+    environment, *measurements = records
+    assert environment["type"] == "environment" and environment["schema"] == "quantkit.bench/1"
+    assert {"cpu", "cores", "memory_gb", "os", "runtimes", "quantkit", "artifacts"} <= environment.keys()
+    assert set(environment["runtimes"]) == {"llama.cpp", "onnxruntime"}
+    assert sorted((m["artifact"]["runtime"], m["workload"]["prompt_tokens"]) for m in measurements) == [
+        ("llama.cpp", 16), ("llama.cpp", 32), ("onnxruntime", 16), ("onnxruntime", 32)]
+    for m in measurements:
+        assert METRICS <= m["metrics"].keys(), m["artifact"]["runtime"]
+        assert len(m["samples"]["ttft_ms"]) == 3 and [len(run) for run in m["samples"]["decode_ms"]] == [8, 8, 8]
+        assert m["metrics"]["decode_tok_s"]["median"] > 0 and m["threads"] == 1
+        # accuracy comes from the manifest (None: shipped with --no-verify) and the hash from the file
+        assert m["artifact"]["sha256"] == environment["artifacts"][m["artifact"]["path"]]
+
+
+def test_llama_cpp_decode_is_exactly_the_work_its_counters_count(records):
+    """Our timed steps cover the decode llama.cpp counts itself: one eval per generated token and the prompt
+    in prefill (its counters are the independent reference that the speed benchmark compares with)."""
+    for m in (r for r in records[1:] if r["artifact"]["runtime"] == "llama.cpp"):
+        for counters in m["samples"]["counters"]:
+            assert counters["decode_tokens"] == 8 and counters["prompt_tokens"] == m["workload"]["prompt_tokens"]
+        assert m["metrics"]["runtime_decode_tok_s"]["median"] > 0
+
+
+def test_compare_passes_a_run_against_itself_and_flags_a_slowed_one(records, shipped, tmp_path, capsys):
+    same = shipped.parent / "run.jsonl"
+    assert main(["bench", "compare", str(same), str(same)]) == 0
+    slowed = [dict(r) for r in records]
+    for r in slowed[1:]:
+        r["samples"] = {**r["samples"], "decode_tok_s": [v / 2 for v in r["samples"]["decode_tok_s"]]}
+    path = tmp_path / "slow.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in slowed))
+    assert main(["bench", "compare", str(same), str(path)]) == 1
+    flagged = {(f["artifact"], f["metric"]) for f in compare(records, slowed) if f["regression"]}
+    assert {metric for _, metric in flagged} == {"decode_tok_s"}
+    assert "regression" in capsys.readouterr().err
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def test_a_missing_artifact_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["bench", str(tmp_path / "nope.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+
+
+def test_an_artifact_no_runtime_loads_is_refused_by_the_runtime(tmp_path, capsys):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    jsonl = tmp_path / "b.jsonl"
+    assert main(["bench", str(broken), "--json", str(jsonl), *SMALL]) == 2
+    assert "llama.cpp could not load" in capsys.readouterr().err
+    assert read_jsonl(jsonl)[-1]["type"] == "error"
+
+
+def test_unsupported_artifact_kinds_and_runtimes_are_named(tmp_path, capsys):
+    pte = tmp_path / "model.pte"
+    pte.write_bytes(b"\0")
+    assert main(["bench", str(pte)]) == 2
+    assert "ExecuTorch .pte" in capsys.readouterr().err
+    with pytest.raises(QuantkitError, match="unknown runtime 'tflite'"):
+        BenchOptions(runtime="tflite")
+
+
+class CrashingDevice:
+    """Reports one workload, then dies the way a runtime that segfaults would."""
+
+    name = "local"
+
+    def run(self, spec):
+        import subprocess
+
+        script = ("import json; print(json.dumps({'event': 'load', 'load_s': 0.1, 'baseline_rss_mb': 1, "
+                  "'load_rss_mb': 2, 'load_peak_rss_mb': 2, 'vocab_size': 10, 'affinity': [0]}));"
+                  "print(json.dumps({'event': 'workload', 'workload': {'prompt_tokens': 4, 'gen_tokens': 0}, "
+                  "'samples': {'ttft_ms': [1.0, 2.0], 'prefill_tok_s': [4.0, 2.0], 'decode_tok_s': [], "
+                  "'decode_ms': [[], []], 'counters': []}, 'rss_mb': 2, 'peak_rss_mb': 2}), flush=True);"
+                  "import os; os.abort()")
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+
+        def lines():
+            for line in process.stdout:
+                yield json.loads(line)
+            process.wait()
+
+        return process, lines(), lambda: "aborted"
+
+
+def test_a_runtime_crash_keeps_the_measurements_taken_and_exits_3(shipped):
+    gguf = next(shipped.glob("*.gguf"))
+    kept = []
+    with pytest.raises(BenchError) as caught:
+        for record in bench_artifact(Artifact(gguf, "llama.cpp"), BenchOptions(prompt_tokens=(4,), gen_tokens=0,
+                                                                              repetitions=2), CrashingDevice()):
+            kept.append(record)
+    assert caught.value.exit_code == 3 and "crashed" in str(caught.value)
+    assert len(kept) == 1 and kept[0]["samples"]["ttft_ms"] == [1.0, 2.0]
