@@ -41,6 +41,18 @@ def test_family_ships_to_every_target_that_can_express_it(tiny_models, tmp_path,
             assert art.tokenizer_check["match"], art.target
 
 
+@pytest.mark.parametrize("family", sorted(FAMILY_TARGETS))
+def test_family_f32_gguf_computes_what_transformers_computes(tiny_models, tmp_path, family):
+    # llama.cpp's own graph for the family (norm offsets, rope layout, soft-capping, q/k norms, fused
+    # linears) against transformers' forward on the same F32 weights: only float summation order differs
+    # between the two, so the distributions agree to ~1e-6 KLD on this tiny model; 1e-4 leaves room for
+    # threads and still fails on any wrong tensor, name or hyperparameter (those give KLD > 0.01).
+    result = quantkit.ship(tiny_models[family], targets=["gguf:F32"], out=tmp_path / "o", eval_samples=2,
+                           seq_len=64)
+    metrics = result.artifacts[0].metrics
+    assert metrics["kld"] < 1e-4 and metrics["top1"] > 0.99, metrics
+
+
 @pytest.mark.parametrize("family,target", [(f, t) for f, targets in REFUSED.items() for t in targets])
 def test_family_a_target_cannot_express_is_refused_by_name(tiny_models, tmp_path, family, target):
     from quantkit.errors import QuantkitError
