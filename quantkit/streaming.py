@@ -40,7 +40,9 @@ class BlockStreamer:
         embedding_module = arch.embedding.rsplit(".", 1)[0]
         parent, _, child = embedding_module.rpartition(".")
         original = self.model.get_submodule(embedding_module)
-        scale = float(config.hidden_size) ** 0.5 if arch.embedding_scaled else None
+        # Gemma's embedding modules scale their rows by sqrt(hidden) themselves (an ``embed_scale`` buffer, on
+        # meta here, so its value is recomputed as transformers sets it)
+        scale = float(config.hidden_size) ** 0.5 if hasattr(original, "embed_scale") else None
         setattr(self.model.get_submodule(parent), child,
                 StoredDtypeEmbedding(source.load_stored(arch.embedding).to(self.device), original.padding_idx, dtype,
                                      scale))
@@ -78,7 +80,7 @@ class StoredDtypeEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = nn.functional.embedding(ids, self.weight, self.padding_idx).to(self.dtype)
-        # Gemma 3's embedding module scales its rows by sqrt(hidden) in the table's dtype, as here
+        # Gemma's scaled embedding modules multiply in the table's dtype, as here
         return rows if self.scale is None else rows * torch.tensor(self.scale, dtype=self.dtype)
 
 

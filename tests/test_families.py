@@ -1,6 +1,7 @@
 """Each family beyond Llama end to end: quantized, exported to every target that can express it, and
-checked in that target's runtime (tiny random checkpoints: accuracy gates are off, the runtimes' logits
-are compared with the unquantized model's by the pipeline and must be finite and scored)."""
+checked in that target's runtime (tiny random checkpoints: the default gates are off; each artifact's KL
+divergence from the unquantized model, measured by the pipeline in the artifact's runtime, is bounded
+below what a wrongly laid-out model scores)."""
 
 import math
 
@@ -36,7 +37,11 @@ def test_family_ships_to_every_target_that_can_express_it(tiny_models, tmp_path,
     assert result.ok and result.manifest["model"]["architecture"] == family
     for art in result.artifacts:
         assert (result.out_dir / art.path).exists()
-        assert math.isfinite(art.metrics["perplexity"]) and art.metrics["top1"] > 0.5, (art.target, art.metrics)
+        # Random tiny models predict near-uniformly (entropy ~7.8 of 8.3 nats), so top-1 says little; the
+        # KLD between two random draws of these configs measures 0.83-1.65, which is what a tensor in the
+        # wrong layout scores. 8-bit artifacts sit two orders below that, 3-4-bit ones well under half.
+        bound = 0.02 if art.bits_per_weight >= 7.5 else 0.5
+        assert math.isfinite(art.metrics["perplexity"]) and art.metrics["kld"] < bound, (art.target, art.metrics)
         if art.tokenizer_check is not None:
             assert art.tokenizer_check["match"], art.target
 

@@ -97,9 +97,6 @@ class Architecture:
     fused: bool = False
     # RMSNorms that scale by (offset + weight) (Gemma: 1): GGUF stores offset + weight, AWQ folds through it
     norm_offset: float = 0.0
-    # the embedding module itself multiplies its rows by sqrt(hidden_size) (Gemma 3; Gemma 2 does it in the
-    # model's forward, which quantkit's passes run)
-    embedding_scaled: bool = False
     # the MLP's activation as the graph targets name it (silu: SwiGLU; gelu_tanh: GeGLU)
     activation: str = "silu"
     fold_points: tuple[FoldPoint, ...] = (

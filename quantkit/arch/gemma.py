@@ -4,7 +4,7 @@ sqrt(hidden_size), sliding-window layers between global ones; Gemma 2 soft-caps 
 final logits, Gemma 3 adds q/k norms and a second rope base for its sliding layers.
 
 GGUF (llama.cpp's ``gemma2`` / ``gemma3``): every norm is stored as 1 + weight (what llama.cpp's
-converter writes), tensor names ``attn_post_norm`` / ``ffn_post_norm`` for the extra norms, NEOX rope (no
+converter writes), tensor names ``post_attention_norm`` / ``post_ffw_norm`` for the extra norms, NEOX rope (no
 row permute); llama.cpp scales embeddings and queries itself (queries by 1/sqrt(head_dim), so
 ``query_pre_attn_scalar`` must equal ``head_dim``, as in the 2B-12B checkpoints) and fixes the layer
 pattern (Gemma 2: every other layer sliding, Gemma 3: five sliding then one global, sliding layers on rope
@@ -20,8 +20,8 @@ from quantkit.errors import QuantkitError
 
 GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                "post_feedforward_layernorm")
-GEMMA_GGUF_NAMES = {**LLAMA_GGUF_NAMES, "post_attention_layernorm": "attn_post_norm",
-                    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "ffn_post_norm"}
+GEMMA_GGUF_NAMES = {**LLAMA_GGUF_NAMES, "post_attention_layernorm": "post_attention_norm",
+                    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
 GEMMA_FOLDS = (
     FoldPoint("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
     FoldPoint("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
@@ -91,7 +91,7 @@ def _gemma(name: str, hf_class: str, **fields) -> Gemma:
 
 
 GEMMA2 = _gemma("gemma2", "Gemma2ForCausalLM", gguf_block_names=dict(GEMMA_GGUF_NAMES))
-GEMMA3 = _gemma("gemma3", "Gemma3ForCausalLM", embedding_scaled=True,
+GEMMA3 = _gemma("gemma3", "Gemma3ForCausalLM",
                 qk_norms=("self_attn.q_norm", "self_attn.k_norm"),
                 gguf_block_names={**GEMMA_GGUF_NAMES, "self_attn.q_norm": "attn_q_norm",
                                   "self_attn.k_norm": "attn_k_norm"})
