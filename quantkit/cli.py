@@ -146,6 +146,7 @@ def _add_ship(sub) -> None:
     b = p.add_argument_group("benchmark (after a successful ship; see quantkit bench --help)")
     b.add_argument("--bench", action="store_true", help="benchmark every accepted artifact on this machine")
     b.add_argument("--bench-json", metavar="FILE", help="with --bench: write its JSON Lines to FILE")
+    b.add_argument("--bench-html", metavar="FILE", help="with --bench: write its HTML report to FILE")
     _add_bench_options(b)
 
 
@@ -156,7 +157,8 @@ def _ints(value: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
 
 
-def _add_bench_options(group, runtime_flags: tuple[str, ...] = ("--bench-runtime",)) -> None:
+def _add_bench_options(group, runtime_flags: tuple[str, ...] = ("--bench-runtime",),
+                       device_flags: tuple[str, ...] = ("--bench-device",)) -> None:
     from quantkit.bench.runners import RUNNERS, cpu_count
 
     group.add_argument("--prompt-tokens", type=_ints, default=(128, 512), metavar="N[,N...]",
@@ -171,6 +173,13 @@ def _add_bench_options(group, runtime_flags: tuple[str, ...] = ("--bench-runtime
     group.add_argument(*runtime_flags, dest="bench_runtime", choices=sorted(RUNNERS),
                        help="runtime to load every artifact with (default: chosen from each artifact)")
     group.add_argument("--pin", action="store_true", help="pin the runtime to the first --threads CPUs")
+    group.add_argument(*device_flags, dest="bench_device", default="local", metavar="DEVICE",
+                       help="where to measure: local (default), ssh://[user@]host[:port] (copies the artifact and "
+                       "quantkit's runner there; the remote needs Python and the runtime's package), or adb[:SERIAL] "
+                       "(designed, untested on hardware: refused)")
+    group.add_argument("--ssh-identity", metavar="FILE", help="with an ssh:// device: the private key to use")
+    group.add_argument("--remote-python", default="python3", metavar="PATH",
+                       help="with an ssh:// device: the remote Python that runs the runner (default: python3)")
 
 
 BENCH_EPILOG = """\
@@ -195,7 +204,10 @@ def _add_bench(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifacts", nargs="+", metavar="ARTIFACT_OR_MANIFEST")
     p.add_argument("--json", metavar="FILE", help="write JSON Lines (schema quantkit.bench/1) with raw samples")
-    _add_bench_options(p, ("--runtime", "--bench-runtime"))
+    p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with plots: decode speed vs "
+                   "size vs accuracy (Pareto front), decode latency distributions, memory per phase (needs "
+                   "matplotlib: the bench extra)")
+    _add_bench_options(p, ("--runtime", "--bench-runtime"), ("--device", "--bench-device"))
 
 
 def _add_inspect(sub) -> None:
@@ -276,7 +288,7 @@ def _run_ship(args) -> int:
             print(line, file=sys.stderr)
         return 1
     if args.bench:
-        _bench([str(result.out_dir)], args, args.bench_json, table_stream)
+        _bench([str(result.out_dir)], args, args.bench_json, table_stream, args.bench_html)
     return 0
 
 
@@ -287,23 +299,45 @@ def _bench_options(args):
                         repetitions=args.repetitions, warmup=args.warmup, runtime=args.bench_runtime, pin=args.pin)
 
 
-def _bench(inputs: list[str], args, json_path: str | None, stream=sys.stdout) -> None:
+def _bench(inputs: list[str], args, json_path: str | None, stream=sys.stdout, html_path: str | None = None) -> None:
     from quantkit.bench import bench, table
+    from quantkit.bench.devices import device_for
 
     options = _bench_options(args)
+    device = device_for(args.bench_device, args.ssh_identity, args.remote_python)
+    if html_path:
+        _check_html_writable(Path(html_path))
 
     def progress(record: dict) -> None:
         w = record["workload"]
         print(f"benched {record['artifact']['name']} pp{w['prompt_tokens']}/tg{w['gen_tokens']}", file=sys.stderr)
 
-    records = bench(inputs, options, Path(json_path) if json_path else None, on_measurement=progress)
+    records = bench(inputs, options, Path(json_path) if json_path else None, on_measurement=progress,
+                    device=device)
     print(table(records), file=stream)
     if json_path:
         print(f"wrote {json_path}", file=stream)
+    if html_path:
+        from quantkit.bench.html import write_html
+
+        write_html(records, Path(html_path))
+        print(f"wrote {html_path}", file=stream)
+
+
+def _check_html_writable(path: Path) -> None:
+    """Fail before measuring, not after: matplotlib present and the report's folder there."""
+    from quantkit.errors import QuantkitError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise QuantkitError("--html needs matplotlib; pip install 'quantkit[bench]'") from None
+    if not path.parent.resolve().is_dir():
+        raise QuantkitError(f"--html {path}: folder {path.parent} does not exist; create it or pick another path")
 
 
 def _run_bench(args) -> int:
-    _bench(args.artifacts, args, args.json)
+    _bench(args.artifacts, args, args.json, html_path=args.html)
     return 0
 
 
@@ -319,6 +353,11 @@ def _run_bench_compare(argv: list[str]) -> int:
     args = p.parse_args(argv)
     findings = compare(read_jsonl(Path(args.old)), read_jsonl(Path(args.new)), args.alpha)
     print(json.dumps(findings, indent=2) if args.json else compare_table(findings))
+    underpowered = [f for f in findings if f["underpowered"]]
+    if underpowered:
+        print(f"warning: {len(underpowered)} comparison(s) cannot reach p < {args.alpha} with so few repetitions "
+              f"(smallest possible p {min(f['smallest_p'] for f in underpowered):.3f}); bench with more "
+              "--repetitions (5 each reach 0.004)", file=sys.stderr)
     regressions = [f for f in findings if f["regression"]]
     if regressions:
         print(f"error: {len(regressions)} regression(s) beyond noise in {args.new}", file=sys.stderr)

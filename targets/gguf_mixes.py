@@ -99,18 +99,16 @@ FILE_TYPES: dict[str, FileType] = {t.name: t for t in (
     FileType("Q5_0", "Q5_0", 8, {"ffn_down": _with_imatrix(_first_eighth("Q5_1"))}),
     FileType("Q4_1", "Q4_1", 3),
     FileType("Q4_0", "Q4_0", 2, {"ffn_down": _with_imatrix(_first_eighth("Q4_1"))}),
-    FileType("Q5_K_M", "Q5_K", 17, {"attn_v": _more_bits_to("Q6_K"), "ffn_down": _more_bits_to("Q6_K"),
-                                    "attn_qkv": _always("Q6_K")}),
+    FileType("Q5_K_M", "Q5_K", 17, {"attn_v": _more_bits_to("Q6_K"), "ffn_down": _more_bits_to("Q6_K")}),
     FileType("Q5_K_S", "Q5_K", 16),
-    FileType("Q4_K_M", "Q4_K", 15, {"attn_v": _more_bits_to("Q6_K"), "ffn_down": _more_bits_to("Q6_K"),
-                                    "attn_qkv": _always("Q5_K")}),
+    FileType("Q4_K_M", "Q4_K", 15, {"attn_v": _more_bits_to("Q6_K"), "ffn_down": _more_bits_to("Q6_K")}),
     FileType("Q4_K_S", "Q4_K", 14, {"attn_v": lambda i, m: "Q5_K" if i < 4 else None,
                                     "ffn_down": _first_eighth("Q5_K")}),
     FileType("Q3_K_L", "Q3_K", 13, {"attn_v": _always("Q5_K"), "ffn_down": _always("Q5_K"),
-                                    "attn_output": _always("Q5_K"), "attn_qkv": _always("Q4_K")}),
+                                    "attn_output": _always("Q5_K")}),
     FileType("Q3_K_M", "Q3_K", 12, {"attn_v": lambda i, m: "Q5_K" if i < 2 else "Q4_K",
                                     "ffn_down": lambda i, m: "Q5_K" if i < m.n_layers // 16 else "Q4_K",
-                                    "attn_output": _always("Q4_K"), "attn_qkv": _always("Q4_K")}),
+                                    "attn_output": _always("Q4_K")}),
     FileType("Q3_K_S", "Q3_K", 11),
     FileType("Q2_K", "Q2_K", 10, {"attn_v": _gqa4("Q4_K", "Q3_K"), "ffn_down": _always("Q3_K"),
                                   "attn_output": _always("Q3_K")}),
@@ -130,10 +128,17 @@ def supported_names() -> list[str]:
     return list(FILE_TYPES) + [f"{alias} (= {target})" for alias, target in ALIASES.items()]
 
 
+# llama.cpp's quantizer counts a fused q/k/v matrix (Phi-3's attn_qkv) as an attention-V tensor: it gets
+# attn_v's rules, in attn_v's layer count (checked byte for byte against llama_model_quantize)
+SAME_RULES_AS = {"attn_qkv": "attn_v"}
+
+
 def role(gguf_name: str) -> str:
-    """``attn_v`` for ``blk.3.attn_v.weight``; ``output`` for ``output.weight``."""
+    """``attn_v`` for ``blk.3.attn_v.weight``; ``output`` for ``output.weight``; a role whose rules are another's
+    (``SAME_RULES_AS``) answers as that one."""
     parts = gguf_name.split(".")
-    return parts[2] if parts[0] == "blk" and len(parts) > 2 else parts[0]
+    found = parts[2] if parts[0] == "blk" and len(parts) > 2 else parts[0]
+    return SAME_RULES_AS.get(found, found)
 
 
 def fallback_type(type_name: str, row_length: int) -> str | None:

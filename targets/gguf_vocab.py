@@ -24,8 +24,9 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 SPM_SPACE = "\u2581"  # "▁": sentencepiece's visible space
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # Llama-2's older tokenizer.json spells the space handling as a normalizer instead of a Metaspace pre-tokenizer
-SPM_REPLACE_ONLY = {"type": "Replace", "pattern": {"String": " "}, "content": SPM_SPACE}
-SPM_NORMALIZER = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPM_SPACE}, SPM_REPLACE_ONLY]}
+SPM_NORMALIZER = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPM_SPACE},
+                                                      {"type": "Replace", "pattern": {"String": " "},
+                                                       "content": SPM_SPACE}]}
 
 # Split regexes of byte-level BPE families -> llama.cpp's name for that pre-tokenizer.
 LLAMA3_REGEX = (
@@ -155,12 +156,10 @@ def space_prefix(spec: dict) -> bool:
         return scheme != "never"
     if pre is None and norm == SPM_NORMALIZER:
         return True
-    if pre is None and norm == SPM_REPLACE_ONLY:  # Gemma: spaces become "▁", no prefix is added
-        return False
     raise QuantkitError(
         f"cannot identify the tokenizer's pre-tokenizer (normalizer {json.dumps(norm)[:80]}, pre_tokenizer "
         f"{json.dumps(pre)[:80]}); quantkit will not write a GGUF whose tokenization may differ. Supported for "
-        "byte-fallback BPE: Metaspace with split false, Llama-2's Prepend/Replace normalizer, or Gemma's Replace"
+        "byte-fallback BPE: Metaspace with split false, or Llama-2's Prepend/Replace normalizer"
     )
 
 

@@ -27,3 +27,16 @@ def require(module: str) -> ModuleType:
             pytest.skip(f"{module} is not installed ({OPT_IN}=1)", allow_module_level=True)
         raise ImportError(f"{module} is required by the tests (pip install -e '.[llama,hf,kernels,onnx,executorch,"
                           f"dev]'); set {OPT_IN}=1 to skip its tests locally") from exc
+
+
+def require_program(name: str, install: str) -> str:
+    """The path of the system program ``name``; without it, fail (or skip under the opt-in variable)."""
+    import shutil
+
+    for candidate in (name, f"/usr/sbin/{name}"):
+        found = shutil.which(candidate)
+        if found:
+            return found
+    if os.environ.get(OPT_IN) == "1":
+        pytest.skip(f"{name} is not installed ({OPT_IN}=1)")
+    pytest.fail(f"{name} is required by this test ({install}); set {OPT_IN}=1 to skip it locally")

@@ -1,16 +1,24 @@
 """quantkit bench: statistics against scipy and hand-computed values, the measuring child against the
 runtimes' own counters, JSON Lines content, compare's decisions, and bad input."""
 
+import getpass
 import json
+import os
+import socket
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from quantkit.bench import BenchError, BenchOptions, compare, read_jsonl, stats
+from quantkit.bench import BenchError, BenchOptions, bench, compare, read_jsonl, stats
 from quantkit.bench.core import Artifact, bench_artifact
+from quantkit.bench.devices import AdbDevice, SshDevice
+from quantkit.bench.html import pareto_front, write_html
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
-from tests.runtimes import require
+from tests.runtimes import require, require_program
 
 require("llama_cpp")
 require("onnxruntime")
@@ -73,7 +81,7 @@ def test_bench_writes_environment_and_one_measurement_per_artifact_and_workload(
     assert sorted((m["artifact"]["runtime"], m["workload"]["prompt_tokens"]) for m in measurements) == [
         ("llama.cpp", 16), ("llama.cpp", 32), ("onnxruntime", 16), ("onnxruntime", 32)]
     for m in measurements:
-        assert METRICS <= m["metrics"].keys(), m["artifact"]["runtime"]
+        assert m["metrics"].keys() >= METRICS, m["artifact"]["runtime"]
         assert len(m["samples"]["ttft_ms"]) == 3 and [len(run) for run in m["samples"]["decode_ms"]] == [8, 8, 8]
         assert m["metrics"]["decode_tok_s"]["median"] > 0 and m["threads"] == 1
         # accuracy comes from the manifest (None: shipped with --no-verify) and the hash from the file
@@ -97,8 +105,12 @@ def test_compare_passes_a_run_against_itself_and_flags_a_slowed_one(records, shi
         r["samples"] = {**r["samples"], "decode_tok_s": [v / 2 for v in r["samples"]["decode_tok_s"]]}
     path = tmp_path / "slow.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in slowed))
-    assert main(["bench", "compare", str(same), str(path)]) == 1
-    flagged = {(f["artifact"], f["metric"]) for f in compare(records, slowed) if f["regression"]}
+    # 3 repetitions each: the smallest possible one-sided p is 1 / C(6, 3) = 0.05, so the default alpha
+    # (0.01) cannot flag anything, and compare says so
+    assert main(["bench", "compare", str(same), str(path)]) == 0
+    assert "cannot reach p < 0.01" in capsys.readouterr().err
+    assert main(["bench", "compare", str(same), str(path), "--alpha", "0.1"]) == 1
+    flagged = {(f["artifact"], f["metric"]) for f in compare(records, slowed, alpha=0.1) if f["regression"]}
     assert {metric for _, metric in flagged} == {"decode_tok_s"}
     assert "regression" in capsys.readouterr().err
 
@@ -133,6 +145,9 @@ class CrashingDevice:
 
     name = "local"
 
+    def stage(self, path):
+        return str(path)
+
     def run(self, spec):
         import subprocess
 
@@ -162,3 +177,98 @@ def test_a_runtime_crash_keeps_the_measurements_taken_and_exits_3(shipped):
             kept.append(record)
     assert caught.value.exit_code == 3 and "crashed" in str(caught.value)
     assert len(kept) == 1 and kept[0]["samples"]["ttft_ms"] == [1.0, 2.0]
+
+
+# ---- the HTML report, checked in a real browser ----------------------------------------------------
+def test_pareto_front_is_every_artifact_no_other_beats_on_size_and_speed():
+    # (size, tok/s): b is smaller and faster than a; c is the largest but the fastest; d ties b exactly
+    points = [(10.0, 50.0), (8.0, 60.0), (12.0, 90.0), (8.0, 60.0), (9.0, 55.0)]
+    assert pareto_front(points) == [1, 2, 3]
+
+
+def test_html_report_renders_in_chromium_with_every_plot(records, tmp_path):
+    chromium = require_program("chromium", "apt-get install chromium: the report is checked in a real browser")
+    page = tmp_path / "bench.html"
+    write_html(records, page)
+    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run([*browser, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()], capture_output=True,
+                         text=True, timeout=120).stdout
+    # the page marks on load how many of its images the browser decoded (0 for a broken data URI)
+    assert 'data-images-loaded="3"' in dom, dom[:300]
+    for label in ("Q8_0", "onnx"):
+        assert label in dom
+    shot = tmp_path / "bench.png"
+    subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1100,1800", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    from PIL import Image
+
+    colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50  # plots drawn, not a blank page
+
+
+# ---- devices: over SSH for real, adb as designed ------------------------------------------------
+@pytest.fixture
+def sshd(tmp_path):
+    """An OpenSSH server on 127.0.0.1 that lets this user in with a fresh key; yields (port, key)."""
+    binary = require_program("sshd", "apt-get install openssh-server: the SSH device is tested against it")
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / name)], check=True)
+    (tmp_path / "authorized_keys").write_text((tmp_path / "client.pub").read_text())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {tmp_path / 'host'}\n"
+        f"AuthorizedKeysFile {tmp_path / 'authorized_keys'}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+        f"KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nPidFile {tmp_path / 'sshd.pid'}\n")
+    if os.geteuid() == 0:  # sshd started by root wants its privilege-separation folder
+        os.makedirs("/run/sshd", exist_ok=True)
+    server = subprocess.Popen([binary, "-D", "-e", "-f", str(tmp_path / "sshd_config")], stderr=subprocess.PIPE)
+    for _ in range(100):
+        with socket.socket() as client:
+            if client.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    yield port, str(tmp_path / "client")
+    server.terminate()
+    server.wait(10)
+
+
+def test_ssh_device_copies_artifact_and_runner_and_measures_there(shipped, sshd):
+    port, key = sshd
+    device = SshDevice(f"ssh://{getpass.getuser()}@127.0.0.1:{port}", identity=key, python=sys.executable,
+                       extra_options=("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                                      "-o", "LogLevel=ERROR"))
+    gguf = next(shipped.glob("*.gguf"))
+    seen_dirs = []
+    records = bench([str(gguf)], BenchOptions(prompt_tokens=(8,), gen_tokens=4, repetitions=2, warmup=0, threads=1),
+                    device=device, on_measurement=lambda r: seen_dirs.append(device.remote_dir))
+    environment, measured = records
+    assert environment["device"] == f"ssh:{getpass.getuser()}@127.0.0.1:{port}" and environment["cores"] >= 1
+    assert measured["device"] == environment["device"] and measured["metrics"]["decode_tok_s"]["median"] > 0
+    # the child ran from the copied runner zip, in the remote folder, and that folder is gone afterwards
+    remote = seen_dirs[0]
+    assert measured["runner"] == f"{remote}/{SshDevice.RUNNER}"
+    assert device.remote_dir is None and not os.path.exists(remote)
+
+
+def test_ssh_device_that_cannot_log_in_is_one_line(shipped, tmp_path, capsys):
+    gguf = next(shipped.glob("*.gguf"))
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["bench", str(gguf), "--device", f"ssh://127.0.0.1:{port}", *SMALL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "without a password prompt" in err[0]
+
+
+def test_adb_device_is_designed_with_its_commands_and_refused_until_tried(shipped, capsys):
+    spec = {"path": "x", "runtime": "llama.cpp", "threads": 4, "pin": [4, 5, 6, 7], "workloads": []}
+    commands = AdbDevice("R58M", python="python3").commands(spec, Path("/a/model-Q4_K_M.gguf"))
+    remote = "/data/local/tmp/quantkit-bench"
+    assert commands[0] == ["adb", "-s", "R58M", "shell", f"mkdir -p {remote}"]
+    assert commands[2] == ["adb", "-s", "R58M", "push", "/a/model-Q4_K_M.gguf", f"{remote}/model-Q4_K_M.gguf"]
+    assert commands[3][:4] == ["adb", "-s", "R58M", "shell"] and "taskset f0 python3 -m quantkit.bench.child" in \
+        commands[3][4] and f'"path": "{remote}/model-Q4_K_M.gguf"' in commands[3][4]
+    assert main(["bench", str(next(shipped.glob("*.gguf"))), "--device", "adb", *SMALL]) == 2
+    assert "untested on hardware" in capsys.readouterr().err

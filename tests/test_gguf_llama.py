@@ -230,6 +230,14 @@ def test_tied_and_narrow_models_match_llama_cpp(tiny_models, tmp_path, name, ggu
         assert ours["token_embd.weight"].tensor_type == GGMLType.Q8_0
 
 
+@pytest.mark.parametrize("gguf_type", ["Q3_K_M", "Q3_K_L", "Q4_K_S", "Q5_K_M"])
+def test_fused_qkv_follows_llama_cpps_rules_in_every_mix(tiny_models, tmp_path, gguf_type):
+    """Phi-3's attn_qkv: llama.cpp gives it attn_v's rules (256-wide rows: the k-quant rules themselves apply)."""
+    f32 = export(tiny_models["phi3"], "F32", tmp_path / "f32.gguf")
+    ours = tensors(export(tiny_models["phi3"], gguf_type, tmp_path / "ours.gguf"))
+    assert_same_tensors(ours, tensors(llama_quantize(f32, tmp_path / "theirs.gguf", gguf_type)))
+
+
 def test_mix_falls_back_for_rows_that_do_not_fit(tiny_models, tmp_path):
     """The tiny model's 128-wide rows fit no 256 super-block: llama.cpp's fallback types, reported."""
     from quantkit.targets.gguf import GGUFTarget
@@ -351,9 +359,6 @@ SPM_BPE = Path(__file__).parent / "data" / "spm_bpe"  # made by tests/data/make_
 LEGACY_SPACES = {"normalizer": {"type": "Sequence", "normalizers": [
     {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
     "pre_tokenizer": None}
-# Gemma's: spaces become "▁" with no prefix added (add_dummy_prefix off in its sentencepiece model)
-GEMMA_SPACES = {"normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
-                "pre_tokenizer": None}
 
 
 @pytest.fixture
@@ -372,7 +377,7 @@ def spm_llama(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("spaces", ["metaspace", "normalizer", "gemma"])
+@pytest.mark.parametrize("spaces", ["metaspace", "normalizer"])
 def test_sentencepiece_bpe_tokenizer_tokenizes_like_hf_in_llama_cpp(spm_llama, tmp_path, spaces):
     import json
 
@@ -381,11 +386,9 @@ def test_sentencepiece_bpe_tokenizer_tokenizes_like_hf_in_llama_cpp(spm_llama, t
 
     if spaces != "metaspace":
         spec = json.loads((spm_llama / "tokenizer.json").read_text())
-        (spm_llama / "tokenizer.json").write_text(json.dumps({**spec, **(LEGACY_SPACES if spaces == "normalizer"
-                                                                         else GEMMA_SPACES)}))
+        (spm_llama / "tokenizer.json").write_text(json.dumps({**spec, **LEGACY_SPACES}))
     vocab = gguf_vocab.read_vocab(spm_llama, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-    prefix = spaces != "gemma"
-    assert (vocab.model, vocab.pre, vocab.add_space_prefix, vocab.add_bos) == ("llama", "default", prefix, True)
+    assert (vocab.model, vocab.pre, vocab.add_space_prefix, vocab.add_bos) == ("llama", "default", True, True)
     assert (vocab.bos_id, vocab.eos_id, vocab.unk_id) == (1, 2, 0)
     assert vocab.token_types[vocab.tokens.index("<0x0A>")] == gguf_vocab.TOKEN_BYTE
     assert vocab.token_types[:3] == [gguf_vocab.TOKEN_UNKNOWN, gguf_vocab.TOKEN_CONTROL, gguf_vocab.TOKEN_CONTROL]

@@ -4,6 +4,7 @@ One child per artifact, so one runtime's memory never counts against another's; 
 runtime and numpy. It prints one JSON object per line as soon as each is measured (a crash later keeps
 the lines already printed): ``load``, then one ``workload`` per prompt/generation size, then ``done``.
 A runtime that cannot load the artifact prints ``{"event": "error", "kind": "input", ...}`` and exits 2.
+``--probe`` prints the machine's description (``machine()``) instead.
 """
 
 from __future__ import annotations
@@ -32,6 +33,30 @@ def rss_mb() -> float:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux), MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict:
+    """This machine as the environment line records it: CPU, cores, memory, OS, Python, runtime versions."""
+    import platform
+
+    from quantkit.bench.runners import cpu_count
+
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "usable_cores": cpu_count(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "os": platform.platform(), "python": platform.python_version(),
+            "runtimes": {name: runner.versions() for name, runner in RUNNERS.items()}}
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def emit(record: dict) -> None:
@@ -79,9 +104,10 @@ def main(spec: dict) -> int:
     except RunnerError as exc:
         emit({"event": "error", "kind": "input", "message": str(exc)})
         return 2
+    # "runner": where quantkit was imported from (a remote device's copied zip, or the local install)
     emit({"event": "load", "load_s": time.perf_counter() - start, "baseline_rss_mb": baseline,
           "load_rss_mb": rss_mb(), "load_peak_rss_mb": peak_rss_mb(), "vocab_size": runner.vocab_size,
-          "affinity": sorted(os.sched_getaffinity(0))})
+          "affinity": sorted(os.sched_getaffinity(0)), "runner": str(Path(__file__).parents[2])})
     for workload in spec["workloads"]:
         samples = run_workload(runner, workload["prompt_tokens"], workload["gen_tokens"], spec["repetitions"],
                                spec["warmup"], spec.get("seed", 0))
@@ -93,4 +119,7 @@ def main(spec: dict) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--probe"]:
+        emit(machine())
+        sys.exit(0)
     sys.exit(main(json.loads(sys.argv[1])))

@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from pathlib import Path
 
 from quantkit import __version__
 from quantkit.bench import stats
+from quantkit.bench.devices import LocalDevice
 from quantkit.bench.runners import RUNNERS, RunnerError, cpu_count, model_file, runtime_for
 from quantkit.errors import QuantkitError
 
@@ -140,50 +139,14 @@ def _from_manifest(manifest: Path, runtime: str | None) -> list[Artifact]:
     return found
 
 
-def environment(artifacts: list[Artifact], options: BenchOptions) -> dict:
-    runtimes = sorted({a.runtime for a in artifacts})
+def environment(artifacts: list[Artifact], options: BenchOptions, device) -> dict:
+    """The environment line: the measuring machine (probed where the child runs), settings and artifacts."""
     return {
         "schema": SCHEMA, "type": "environment", "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        "quantkit": __version__, "python": platform.python_version(), "os": platform.platform(),
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "usable_cores": cpu_count(),
-        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "quantkit": __version__, "device": device.name, **device.probe(),
         "threads": options.threads, "pinned": options.pin,
-        "runtimes": {name: RUNNERS[name].versions() for name in runtimes},
         "artifacts": {str(a.path): a.sha256 or file_sha256(a.path) for a in artifacts},
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-class LocalDevice:
-    """Runs each measuring child on this machine."""
-
-    name = "local"
-
-    def run(self, spec: dict) -> tuple[int, Iterator[dict], Callable[[], str]]:
-        env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-        process = subprocess.Popen([sys.executable, "-m", "quantkit.bench.child", json.dumps(spec)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-        def lines() -> Iterator[dict]:
-            for line in process.stdout:
-                if line.startswith("{"):
-                    yield json.loads(line)
-            process.wait()
-
-        def stderr_tail() -> str:
-            text = process.stderr.read() if process.stderr else ""
-            return text.strip().splitlines()[-1] if text.strip() else f"exit status {process.returncode}"
-
-        return process, lines(), stderr_tail
 
 
 class BenchError(QuantkitError):
@@ -217,7 +180,8 @@ def measurement(artifact: dict, options: BenchOptions, load: dict, result: dict,
             [c["decode_tokens"] / (c["decode_ms"] / 1e3) for c in counters]).to_dict()
     return {"schema": SCHEMA, "type": "measurement", "device": device, "artifact": artifact,
             "workload": result["workload"], "threads": options.threads, "repetitions": options.repetitions,
-            "warmup": options.warmup, "affinity": load["affinity"], "metrics": metrics, "samples": samples}
+            "warmup": options.warmup, "affinity": load["affinity"], "runner": load.get("runner"), "metrics": metrics,
+            "samples": samples}
 
 
 def bench_artifact(artifact: Artifact, options: BenchOptions, device=None) -> Iterator[dict]:
@@ -226,7 +190,7 @@ def bench_artifact(artifact: Artifact, options: BenchOptions, device=None) -> It
     device = device or LocalDevice()
     described = artifact.describe()
     pin = sorted(os.sched_getaffinity(0))[: options.threads] if options.pin else None
-    spec = {"path": str(artifact.path), "runtime": artifact.runtime, "threads": options.threads,
+    spec = {"path": device.stage(artifact.path), "runtime": artifact.runtime, "threads": options.threads,
             "repetitions": options.repetitions, "warmup": options.warmup, "pin": pin,
             "workloads": [w.to_dict() for w in options.workloads]}
     process, events, stderr_tail = device.run(spec)
@@ -244,18 +208,21 @@ def bench_artifact(artifact: Artifact, options: BenchOptions, device=None) -> It
 
 
 def bench(inputs: list[str], options: BenchOptions | None = None, jsonl: Path | None = None,
-          on_measurement: Callable[[dict], None] | None = None) -> list[dict]:
-    """Benchmark every artifact ``inputs`` name; returns the JSONL records (environment first). With ``jsonl``
-    each record is appended to that file as soon as it is measured."""
+          on_measurement: Callable[[dict], None] | None = None, device=None) -> list[dict]:
+    """Benchmark every artifact ``inputs`` name on ``device`` (default: this machine); returns the JSONL
+    records (environment first). With ``jsonl`` each record is appended to that file as soon as it is
+    measured."""
     options = options or BenchOptions()
     artifacts = resolve(inputs, options.runtime)
-    records = [environment(artifacts, options)]
-    sink = open(jsonl, "w") if jsonl else None  # noqa: SIM115 - kept open across the generator's lifetime
+    device = device or LocalDevice()
+    sink = None
     try:
+        records = [environment(artifacts, options, device)]
+        sink = open(jsonl, "w") if jsonl else None  # noqa: SIM115 - kept open across the generator's lifetime
         _write(sink, records[0])
         for artifact in artifacts:
             try:
-                for record in bench_artifact(artifact, options):
+                for record in bench_artifact(artifact, options, device):
                     records.append(record)
                     _write(sink, record)
                     if on_measurement:
@@ -267,6 +234,7 @@ def bench(inputs: list[str], options: BenchOptions | None = None, jsonl: Path | 
     finally:
         if sink:
             sink.close()
+        device.close()
     return records
 
 

@@ -12,6 +12,7 @@ fixed percentage: noisy runs need a larger change to be flagged.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from quantkit.bench import stats
@@ -81,11 +82,15 @@ def compare(old: list[dict], new: list[dict], alpha: float = ALPHA) -> list[dict
             # a regression: NEW smaller than OLD for throughput, larger for latency
             p = stats.mann_whitney_less(y, x) if larger_is_better else stats.mann_whitney_less(x, y)
             shift = stats.shift_estimate(x, y)
+            # the smallest one-sided p the samples can give (complete separation): above alpha, the test
+            # cannot flag anything, however large the change
+            smallest_p = 1 / math.comb(len(x) + len(y), len(x))
             findings.append({
                 "artifact": record["artifact"]["target"] or record["artifact"]["name"],
                 "workload": record["workload"], "metric": metric, "old_median": stats.median(x),
                 "new_median": stats.median(y), "change_pct": 100 * shift / stats.median(x), "p_value": p,
-                "regression": p < alpha, "old_threads": previous["threads"], "new_threads": record["threads"],
+                "regression": p < alpha, "smallest_p": smallest_p, "underpowered": smallest_p >= alpha,
+                "old_threads": previous["threads"], "new_threads": record["threads"],
             })
     if not findings:
         raise QuantkitError("the two files share no artifact and workload to compare; bench the same artifacts "
