@@ -2,7 +2,8 @@
 llama.cpp's own counters (and llama-bench, when built), and ``bench compare`` on a deliberately slowed run.
 
     python benchmarks/bench_smollm2.py SMOLLM2_DIR [--eval PROSE.txt] [--llama-bench PATH]
-    # writes benchmarks/results/bench_smollm2.{md,jsonl} (+ the threads-1 and repeat runs' JSONL)
+    # writes benchmarks/results/bench_smollm2.{md,jsonl,html} (+ the threads-1 and repeat runs' JSONL) and
+    # bench_report.png (the HTML report rendered by headless Chromium)
 
 Steps, each a real command: ``quantkit ship SMOL --targets gguf:Q4_K_M,gguf:Q8_0,onnx,ort --group-size 64
 --bench --bench-json R/bench_smollm2.jsonl`` (threads = every usable core), then ``quantkit bench OUT``
@@ -57,11 +58,15 @@ def main() -> None:
     threads = cpu_count()
     args.results.mkdir(parents=True, exist_ok=True)
     first, again, slowed = (args.results / f"bench_smollm2{s}.jsonl" for s in ("", "_repeat", "_threads1"))
+    html = args.results / "bench_smollm2.html"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         ship = [*QUANTKIT, "ship", args.model, "--targets", "gguf:Q4_K_M,gguf:Q8_0,onnx,ort", "--group-size", "64",
                 "--eval", args.eval, "--calib", args.calib, "--out", str(out), "--quiet", "--bench",
-                "--bench-json", str(first), "--threads", str(threads), *WORKLOAD]
+                "--bench-json", str(first), "--bench-html", str(html), "--threads", str(threads), *WORKLOAD,
+                # gates off: this measures speed; round-to-nearest onnx/ort fail the default gate on SmolLM2
+                # (their accuracy is still measured and reported)
+                "--max-ppl-increase", "1000", "--max-kld", "100", "--min-top1", "0"]
         shipped = run(ship)
         run([*QUANTKIT, "bench", str(out), "--json", str(again), "--threads", str(threads), *WORKLOAD])
         run([*QUANTKIT, "bench", str(out), "--json", str(slowed), "--threads", "1", *WORKLOAD])
@@ -69,11 +74,19 @@ def main() -> None:
         slow = run([*QUANTKIT, "bench", "compare", str(first), str(slowed)], check=False)
         reference = {g.name: llama_bench(args.llama_bench, g, threads) for g in sorted(out.glob("*.gguf"))} \
             if args.llama_bench else {}
+    screenshot(html, args.results / "bench_report.png")
     write_report(args, threads, shipped.stdout, records(first), same, slow, reference)
 
 
+def screenshot(page: Path, png: Path) -> None:
+    """The report as headless Chromium renders it (the check that the page works in a real browser)."""
+    run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={png}",
+         "--window-size=1100,2600", page.as_uri()])
+
+
 def counter_agreement(measurements: list[dict]) -> list[str]:
-    rows = ["| artifact | test | quantkit decode tok/s | llama.cpp counters tok/s | difference |", "|---|---|---|---|---|"]
+    rows = ["| artifact | test | quantkit decode tok/s | llama.cpp counters tok/s | difference |",
+            "|---|---|---|---|---|"]
     for m in measurements:
         if "runtime_decode_tok_s" not in m["metrics"]:
             continue
@@ -85,7 +98,8 @@ def counter_agreement(measurements: list[dict]) -> list[str]:
 
 
 def llama_bench_rows(measurements: list[dict], reference: dict) -> list[str]:
-    rows = ["| artifact | test | quantkit tok/s | llama-bench tok/s (mean ± sd) | difference |", "|---|---|---|---|---|"]
+    rows = ["| artifact | test | quantkit tok/s | llama-bench tok/s (mean ± sd) | difference |",
+            "|---|---|---|---|---|"]
     for name, tests in reference.items():
         for test in tests:
             n_prompt, n_gen = test["n_prompt"], test["n_gen"]
