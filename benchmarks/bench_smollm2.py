@@ -5,7 +5,7 @@ llama.cpp's own counters (and llama-bench, when built), and ``bench compare`` on
     # writes benchmarks/results/bench_smollm2.{md,jsonl,html} (+ the threads-1 and repeat runs' JSONL) and
     # bench_report.png (the HTML report rendered by headless Chromium)
 
-Steps, each a real command: ``quantkit ship SMOL --targets gguf:Q4_K_M,gguf:Q8_0,onnx,ort --group-size 64
+Steps, each a real command: ``quantkit ship SMOL --targets gguf:Q4_K_M,gguf:Q8_0,onnx,ort,hf-gptq --group-size 64
 --bench --bench-json R/bench_smollm2.jsonl`` (threads = every usable core), then ``quantkit bench OUT``
 again at the same threads (the noise run) and at 1 thread (the slowed run), then ``quantkit bench compare``
 of the first run with each. llama-bench (``benchmarks/llama_tools.py --build-only`` builds it from
@@ -61,7 +61,8 @@ def main() -> None:
     html = args.results / "bench_smollm2.html"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
-        ship = [*QUANTKIT, "ship", args.model, "--targets", "gguf:Q4_K_M,gguf:Q8_0,onnx,ort", "--group-size", "64",
+        ship = [*QUANTKIT, "ship", args.model, "--targets", "gguf:Q4_K_M,gguf:Q8_0,onnx,ort,hf-gptq",
+                "--group-size", "64",
                 "--eval", args.eval, "--calib", args.calib, "--out", str(out), "--quiet", "--bench",
                 "--bench-json", str(first), "--bench-html", str(html), "--threads", str(threads), *WORKLOAD,
                 # gates off: this measures speed; round-to-nearest onnx/ort fail the default gate on SmolLM2

@@ -184,10 +184,11 @@ def _add_bench_options(group, runtime_flags: tuple[str, ...] = ("--bench-runtime
 
 BENCH_EPILOG = """\
 ARTIFACT is a .gguf file (llama.cpp), an onnx / ort artifact folder or its model file (onnxruntime), a
-manifest.json or a quantkit ship output folder (every artifact in it, with its accuracy from the manifest).
+Hugging Face folder (hf-gptq / hf-awq checkpoint or unquantized model: transformers), a manifest.json or a
+quantkit ship output folder (every artifact in it, with its accuracy from the manifest).
 Each artifact runs in its own child process: load, then per workload --warmup unmeasured and --repetitions
 measured sequences of a random-token prompt and --gen-tokens greedy decode steps. Not benchmarked yet:
-ExecuTorch .pte and Hugging Face checkpoint folders (hf-gptq / hf-awq).
+ExecuTorch .pte (no KV cache yet).
 
   quantkit bench compare OLD.jsonl NEW.jsonl   flags throughput / time-to-first-token regressions of NEW
       (one-sided Mann-Whitney U test on the per-repetition samples, p < 0.01); exit 1 when any is found

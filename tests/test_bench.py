@@ -62,7 +62,7 @@ def test_percentile_matches_numpy():
 def shipped(tmp_path_factory):
     """The embedded model shipped to a GGUF file and an ONNX folder (export only: bench reads the manifest)."""
     out = tmp_path_factory.mktemp("bench") / "out"
-    assert main(["ship", "--targets", "gguf:Q8_0,onnx", "--out", str(out), "--no-verify", "--quiet"]) == 0
+    assert main(["ship", "--targets", "gguf:Q8_0,onnx,hf-gptq", "--out", str(out), "--no-verify", "--quiet"]) == 0
     return out
 
 
@@ -77,9 +77,10 @@ def test_bench_writes_environment_and_one_measurement_per_artifact_and_workload(
     environment, *measurements = records
     assert environment["type"] == "environment" and environment["schema"] == "quantkit.bench/1"
     assert {"cpu", "cores", "memory_gb", "os", "runtimes", "quantkit", "artifacts"} <= environment.keys()
-    assert set(environment["runtimes"]) == {"llama.cpp", "onnxruntime"}
+    assert set(environment["runtimes"]) == {"llama.cpp", "onnxruntime", "transformers"}
     assert sorted((m["artifact"]["runtime"], m["workload"]["prompt_tokens"]) for m in measurements) == [
-        ("llama.cpp", 16), ("llama.cpp", 32), ("onnxruntime", 16), ("onnxruntime", 32)]
+        ("llama.cpp", 16), ("llama.cpp", 32), ("onnxruntime", 16), ("onnxruntime", 32), ("transformers", 16),
+        ("transformers", 32)]
     for m in measurements:
         assert m["metrics"].keys() >= METRICS, m["artifact"]["runtime"]
         assert len(m["samples"]["ttft_ms"]) == 3 and [len(run) for run in m["samples"]["decode_ms"]] == [8, 8, 8]

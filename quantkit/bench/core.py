@@ -91,11 +91,14 @@ class Artifact:
 
 
 def file_sha256(path: Path) -> str:
-    """The model file's hash (an artifact folder's model file; its config and tokenizer files are left out)."""
+    """The model's hash: an artifact folder's model file, or a Hugging Face folder's weight files in name
+    order (config and tokenizer files are left out)."""
     digest = hashlib.sha256()
-    with open(model_file(path), "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
+    model = model_file(path)
+    for file in sorted(model.glob("*.safetensors")) if model.is_dir() else [model]:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

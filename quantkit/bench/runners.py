@@ -152,7 +152,53 @@ class OnnxRuntimeRunner(Runner):
         return self._run([token])
 
 
-RUNNERS: dict[str, type[Runner]] = {r.name: r for r in (LlamaCppRunner, OnnxRuntimeRunner)}
+class TransformersRunner(Runner):
+    """transformers on CPU over a Hugging Face folder — the unquantized model, or an hf-gptq / hf-awq checkpoint
+    through the quantization backend transformers picks (gptqmodel) — with transformers' own KV cache. This
+    child imports torch: its memory is this runtime's, as a server running transformers would hold."""
+
+    name = "transformers"
+    packages = ("transformers", "torch", "gptqmodel")
+
+    def __init__(self, path: Path, threads: int, n_ctx: int):
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            raise RunnerError("transformers is not installed; pip install 'quantkit[hf]'") from None
+        if not (path / "config.json").is_file():
+            raise RunnerError(f"{path} is not a Hugging Face model folder (no config.json)")
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(threads))
+        torch.set_num_threads(threads)
+        self._torch = torch
+        try:
+            # fp32 activations, as quantkit's accuracy check and a CPU deployment run them
+            self.model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32).eval()
+        except (ImportError, OSError, ValueError) as exc:
+            raise RunnerError(f"transformers could not load {path} ({str(exc).splitlines()[0]})") from None
+        self.cache = None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    def reset(self) -> None:
+        self.cache = None
+
+    def _run(self, ids: list[int]) -> int:
+        with self._torch.no_grad():
+            out = self.model(input_ids=self._torch.tensor([ids]), past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def prefill(self, tokens: list[int]) -> int:
+        return self._run(tokens)
+
+    def step(self, token: int) -> int:
+        return self._run([token])
+
+
+RUNNERS: dict[str, type[Runner]] = {r.name: r for r in (LlamaCppRunner, OnnxRuntimeRunner, TransformersRunner)}
 
 
 def model_file(path: Path) -> Path:
@@ -170,10 +216,12 @@ def runtime_for(path: Path) -> str:
     by_suffix = {".gguf": "llama.cpp", ".onnx": "onnxruntime", ".ort": "onnxruntime"}
     if suffix in by_suffix:
         return by_suffix[suffix]
-    if suffix == ".pte" or path.is_dir():
-        kind = "ExecuTorch .pte" if suffix == ".pte" else "Hugging Face checkpoint folder"
-        raise RunnerError(f"benchmarking a {kind} ({path}) is not supported yet; quantkit bench runs GGUF "
-                          "(llama.cpp) and ONNX/ORT (onnxruntime) artifacts")
+    if path.is_dir() and (path / "config.json").is_file():
+        return "transformers"  # an hf-gptq / hf-awq checkpoint, or the unquantized model folder
+    if suffix == ".pte":
+        raise RunnerError(f"benchmarking an ExecuTorch .pte ({path}) is not supported yet: today's program is a "
+                          "whole-sequence forward without a KV cache; quantkit bench runs GGUF (llama.cpp), "
+                          "ONNX/ORT (onnxruntime) and Hugging Face folders (transformers)")
     raise RunnerError(f"no runtime loads {path}: expected a .gguf file, an ONNX/ORT artifact folder, a "
                       "manifest.json or a quantkit output folder")
 
