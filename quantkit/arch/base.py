@@ -170,6 +170,13 @@ class Architecture:
     def write_gguf_hparams(self, w, config: dict, n_layers: int) -> None:
         """The family's hyperparameters under llama.cpp's keys (``w`` is a ``gguf.GGUFWriter`` for
         ``gguf_arch``, which prefixes them with the architecture name)."""
+        head_dim = self.write_gguf_shape(w, config, n_layers)
+        w.add_rope_dimension_count(head_dim)
+        w.add_rope_freq_base(rope_theta(config))
+        w.add_vocab_size(hparam(config, "vocab_size"))
+
+    def write_gguf_shape(self, w, config: dict, n_layers: int) -> int:
+        """Sizes every family writes alike: context, widths, layers, heads, RMSNorm epsilon; returns head_dim."""
         n_head = hparam(config, "num_attention_heads")
         hidden = hparam(config, "hidden_size")
         head_dim = config.get("head_dim") or hidden // n_head
@@ -181,10 +188,8 @@ class Architecture:
         w.add_head_count_kv(config.get("num_key_value_heads") or n_head)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-        w.add_rope_dimension_count(head_dim)
-        w.add_rope_freq_base(rope_theta(config))
         w.add_layer_norm_rms_eps(float(hparam(config, "rms_norm_eps")))
-        w.add_vocab_size(hparam(config, "vocab_size"))
+        return head_dim
 
     def check_gguf(self, config: dict) -> None:
         """Fail before any work when config.json lacks what the GGUF file needs."""

@@ -34,18 +34,8 @@ SLIDING_ROPE_BASE = 10000.0  # llama.cpp's fixed rope base of Gemma 3's sliding 
 @dataclass(frozen=True)
 class Gemma(Architecture):
     def write_gguf_hparams(self, w, config: dict, n_layers: int) -> None:
-        self.check_gguf(config)
-        n_head = hparam(config, "num_attention_heads")
-        head_dim = hparam(config, "head_dim")
-        w.add_context_length(hparam(config, "max_position_embeddings"))
-        w.add_embedding_length(hparam(config, "hidden_size"))
-        w.add_block_count(n_layers)
-        w.add_feed_forward_length(hparam(config, "intermediate_size"))
-        w.add_head_count(n_head)
-        w.add_head_count_kv(config.get("num_key_value_heads") or n_head)
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-        w.add_layer_norm_rms_eps(float(hparam(config, "rms_norm_eps")))
+        self.check_gguf(config)  # Gemma's head_dim is explicit (checked there), never hidden / heads
+        self.write_gguf_shape(w, config, n_layers)
         w.add_rope_freq_base(_global_rope_base(config))
         if config.get("sliding_window"):
             w.add_sliding_window(int(config["sliding_window"]))
