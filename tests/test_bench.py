@@ -77,7 +77,7 @@ def test_bench_writes_environment_and_one_measurement_per_artifact_and_workload(
     environment, *measurements = records
     assert environment["type"] == "environment" and environment["schema"] == "quantkit.bench/1"
     assert {"cpu", "cores", "memory_gb", "os", "runtimes", "quantkit", "artifacts"} <= environment.keys()
-    assert set(environment["runtimes"]) == {"llama.cpp", "onnxruntime", "transformers"}
+    assert set(environment["runtimes"]) == {"llama.cpp", "onnxruntime", "transformers", "quantkit"}
     assert sorted((m["artifact"]["runtime"], m["workload"]["prompt_tokens"]) for m in measurements) == [
         ("llama.cpp", 16), ("llama.cpp", 32), ("onnxruntime", 16), ("onnxruntime", 32), ("transformers", 16),
         ("transformers", 32)]
@@ -273,3 +273,21 @@ def test_adb_device_is_designed_with_its_commands_and_refused_until_tried(shippe
         commands[3][4] and f'"path": "{remote}/model-Q4_K_M.gguf"' in commands[3][4]
     assert main(["bench", str(next(shipped.glob("*.gguf"))), "--device", "adb", *SMALL]) == 2
     assert "untested on hardware" in capsys.readouterr().err
+
+
+def test_quantkit_runtime_decodes_the_same_tokens_as_transformers_on_an_hf_gptq_folder(shipped):
+    """Two independent runtimes over one checkpoint (transformers + gptqmodel's kernels, quantkit's QuantLinear)
+    must pick the same greedy tokens: a runner that mis-feeds its cache would drift within a few steps."""
+    from quantkit.bench.runners import QuantkitRunner, TransformersRunner
+
+    folder = next(p for p in shipped.iterdir() if any(p.glob("*.safetensors")))
+    prompt = list(range(5, 37))
+    streams = []
+    for runner_class in (TransformersRunner, QuantkitRunner):
+        runner = runner_class(folder, threads=1, n_ctx=64)
+        token, tokens = runner.prefill(prompt), []
+        for _ in range(12):
+            tokens.append(token)
+            token = runner.step(token)
+        streams.append(tokens)
+    assert streams[0] == streams[1]

@@ -163,7 +163,7 @@ class TransformersRunner(Runner):
     def __init__(self, path: Path, threads: int, n_ctx: int):
         try:
             import torch
-            from transformers import AutoModelForCausalLM
+            import transformers  # noqa: F401 - fail early with the install hint
         except ImportError:
             raise RunnerError("transformers is not installed; pip install 'quantkit[hf]'") from None
         if not (path / "config.json").is_file():
@@ -172,11 +172,16 @@ class TransformersRunner(Runner):
         torch.set_num_threads(threads)
         self._torch = torch
         try:
-            # fp32 activations, as quantkit's accuracy check and a CPU deployment run them
-            self.model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32).eval()
+            self.model = self._load(path)
         except (ImportError, OSError, ValueError) as exc:
-            raise RunnerError(f"transformers could not load {path} ({str(exc).splitlines()[0]})") from None
+            raise RunnerError(f"{self.name} could not load {path} ({str(exc).splitlines()[0]})") from None
         self.cache = None
+
+    def _load(self, path: Path):
+        from transformers import AutoModelForCausalLM
+
+        # fp32 activations, as quantkit's accuracy check and a CPU deployment run them
+        return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=self._torch.float32).eval()
 
     @property
     def vocab_size(self) -> int:
@@ -198,7 +203,25 @@ class TransformersRunner(Runner):
         return self._run([token])
 
 
-RUNNERS: dict[str, type[Runner]] = {r.name: r for r in (LlamaCppRunner, OnnxRuntimeRunner, TransformersRunner)}
+class QuantkitRunner(TransformersRunner):
+    """quantkit's own runtime over an hf-gptq / hf-awq folder: transformers' model with quantkit's QuantLinear
+    layers (the Triton kernels on a GPU, their torch reference on a CPU). Chosen with ``--runtime quantkit``."""
+
+    name = "quantkit"
+    packages = ("torch", "transformers", "triton")
+
+    def _load(self, path: Path):
+        from quantkit.errors import QuantkitError
+        from quantkit.kernels.quant_linear import load_quantized_model
+
+        try:
+            return load_quantized_model(path)
+        except QuantkitError as exc:
+            raise ValueError(str(exc)) from None
+
+
+RUNNERS: dict[str, type[Runner]] = {r.name: r for r in (LlamaCppRunner, OnnxRuntimeRunner, TransformersRunner,
+                                                        QuantkitRunner)}
 
 
 def model_file(path: Path) -> Path:
