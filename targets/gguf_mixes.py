@@ -7,8 +7,8 @@ layers, everything else in the base type. ``pure`` drops the rules (llama-quanti
 by name pattern come first, as llama-quantize's --tensor-type / --token-embedding-type /
 --output-tensor-type do. Rows that do not fit a type's blocks fall back as llama.cpp does.
 
-Only the rules of the architectures quantkit exports are kept (dense Llama-style models: no
-experts, no fused QKV, no Falcon).
+Only the rules of the architectures quantkit exports are kept (dense models: no experts, no Falcon); a
+fused q/k/v matrix (Phi-3's attn_qkv) follows attn_v's rules, as in llama.cpp.
 """
 
 from __future__ import annotations

@@ -291,3 +291,18 @@ def test_quantkit_runtime_decodes_the_same_tokens_as_transformers_on_an_hf_gptq_
             token = runner.step(token)
         streams.append(tokens)
     assert streams[0] == streams[1]
+
+
+def test_the_childs_memory_is_its_own_not_its_parents(shipped):
+    """A child started by a large process (``ship --bench``) reports its own peak: Linux carries getrusage's
+    ru_maxrss across exec, so a peak read from it would be at least the parent's resident size."""
+    from quantkit.bench.child import rss_mb
+
+    ballast = bytearray(768 * 2**20)
+    ballast[:: 4096] = b"\1" * len(range(0, len(ballast), 4096))  # touch every page: resident
+    parent = rss_mb()
+    gguf = next(shipped.glob("*.gguf"))
+    options = BenchOptions(prompt_tokens=(8,), gen_tokens=2, repetitions=2, warmup=0, threads=1)
+    measured = list(bench_artifact(Artifact(gguf, "llama.cpp"), options))
+    assert parent > 768 and measured[0]["metrics"]["peak_rss_mb"] < parent - 512, (parent, measured[0]["metrics"])
+    del ballast

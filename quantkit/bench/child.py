@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -21,18 +20,23 @@ import numpy as np
 from quantkit.bench.runners import RUNNERS, RunnerError, model_file
 
 
-def rss_mb() -> float:
-    """Resident memory now (VmRSS), MiB."""
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
+def rss_mb() -> float:
+    """Resident memory now (VmRSS), MiB."""
+    return _status_mb("VmRSS:")
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux), MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this program so far (VmHWM), MiB. Not ru_maxrss: Linux carries that across
+    exec, so a child started by a large process (``ship --bench``) would report its parent's peak."""
+    return _status_mb("VmHWM:")
 
 
 def machine() -> dict:
