@@ -41,7 +41,10 @@ def records(path: Path) -> list[dict]:
 
 
 def llama_bench(binary: str, gguf: Path, threads: int) -> list[dict]:
-    done = run([binary, "-m", str(gguf), "-p", "128,512", "-n", "128", "-t", str(threads), "-r", "5", "-o", "json"])
+    # --repack 0: quantkit's runners load GGUF with llama.cpp's extra (repacking) buffer types off, as its
+    # checks do (with them this llama.cpp build segfaults on these files, in llama-bench too)
+    done = run([binary, "-m", str(gguf), "-p", "128,512", "-n", "128", "-t", str(threads), "-r", "5",
+                "--repack", "0", "-o", "json"])
     return json.loads(done.stdout)
 
 
@@ -143,7 +146,7 @@ def write_report(args, threads, ship_table, first, same, slow, reference) -> Non
         "",
     ]
     if reference:
-        lines += ["## Against llama-bench (same files, same threads, 5 repetitions)", "",
+        lines += ["## Against llama-bench (same files, same threads, 5 repetitions, `--repack 0`)", "",
                   *llama_bench_rows(measurements, reference), ""]
     lines += [
         "## bench compare",

@@ -183,15 +183,16 @@ def _add_bench_options(group, runtime_flags: tuple[str, ...] = ("--bench-runtime
 
 
 BENCH_EPILOG = """\
-ARTIFACT is a .gguf file (llama.cpp), an onnx / ort artifact folder or its model file (onnxruntime), a
+ARTIFACT is a .gguf file (llama.cpp), an onnx / ort artifact folder or its model file (onnxruntime), a .pte
+(ExecuTorch runtime; today's program has no KV cache, so each decode step re-runs the sequence), a
 Hugging Face folder (hf-gptq / hf-awq checkpoint or unquantized model: transformers), a manifest.json or a
 quantkit ship output folder (every artifact in it, with its accuracy from the manifest).
 Each artifact runs in its own child process: load, then per workload --warmup unmeasured and --repetitions
-measured sequences of a random-token prompt and --gen-tokens greedy decode steps. Not benchmarked yet:
-ExecuTorch .pte (no KV cache yet).
+measured sequences of a random-token prompt and --gen-tokens greedy decode steps.
 
   quantkit bench compare OLD.jsonl NEW.jsonl   flags throughput / time-to-first-token regressions of NEW
-      (one-sided Mann-Whitney U test on the per-repetition samples, p < 0.01); exit 1 when any is found
+      (one-sided Mann-Whitney U test on the per-repetition samples, p < --alpha 0.01, and at least
+      --min-change 10 % worse); exit 1 when any is found
 
 exit codes: 0 done, 1 a regression (compare), 2 bad input (an artifact no runtime loads, unknown runtime),
 3 a runtime crashed mid-run (measurements taken before it are kept in --json FILE).
@@ -350,9 +351,12 @@ def _run_bench_compare(argv: list[str]) -> int:
     p.add_argument("old", metavar="OLD.jsonl")
     p.add_argument("new", metavar="NEW.jsonl")
     p.add_argument("--alpha", type=float, default=0.01, help="significance level of the test (default: 0.01)")
+    p.add_argument("--min-change", type=float, default=10.0, metavar="PCT",
+                   help="a significant slowdown is a regression only from this size on, in %% (default: 10; two "
+                   "runs of one build drifted by up to 7 %% on this project's machine)")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     args = p.parse_args(argv)
-    findings = compare(read_jsonl(Path(args.old)), read_jsonl(Path(args.new)), args.alpha)
+    findings = compare(read_jsonl(Path(args.old)), read_jsonl(Path(args.new)), args.alpha, args.min_change)
     print(json.dumps(findings, indent=2) if args.json else compare_table(findings))
     underpowered = [f for f in findings if f["underpowered"]]
     if underpowered:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from quantkit.arch.base import hparam
 from quantkit.errors import QuantkitError
-from quantkit.grids import GGUF_GRIDS, GGUFBlockGrid, Grid, QuantizedWeight
+from quantkit.grids import GGUF_GRIDS, GGUF_TYPES, GGUFBlockGrid, Grid, QuantizedWeight
 from quantkit.llamacpp import without_extra_buffer_types
 from quantkit.model import ROW_CHUNK_BYTES, ModelSource
 from quantkit.recipe import Recipe
@@ -55,8 +55,8 @@ class PlannedTensor:
     offset: float = 0.0  # added to the values (Gemma's norms: llama.cpp wants 1 + weight)
 
     def nbytes(self) -> int:
-        block, type_size = gguf.GGML_QUANT_SIZES[self.ggml_type]
-        return int(np.prod(self.shape)) // block * type_size
+        kind = GGUF_TYPES[self.ggml_type.name]
+        return int(np.prod(self.shape)) // kind.block * kind.block_bytes
 
 
 def rope_row_order(rows: int, n_heads: int) -> torch.Tensor:

@@ -17,22 +17,18 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import gguf
-
 from quantkit.errors import QuantkitError
+from quantkit.grids.gguf_types import GGUF_TYPES
 
-FLOAT_TYPES = ("F32", "F16", "BF16")
-QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K")
-# llama.cpp's fallback for rows that are not a multiple of a 256 super-block
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# the tensor types, their blocks and fallbacks: quantkit's GGUF type registry
+FLOAT_TYPES = tuple(t.name for t in GGUF_TYPES.values() if t.is_float)
+QUANT_TYPES = tuple(t.name for t in GGUF_TYPES.values() if not t.is_float)
 # llama-quantize accepts these k-quant names as aliases of the _M mixes; so do we
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
-# llama.cpp treats a Llama/Qwen2 of 80 layers with grouped KV heads as its 70B size class, whose attn_v
-# gets more bits (8 query heads share each attn_v row, so it is small and worth it)
 
 
 def block_size(type_name: str) -> int:
-    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
+    return GGUF_TYPES[type_name].block
 
 
 @dataclass(frozen=True)
@@ -145,7 +141,7 @@ def fallback_type(type_name: str, row_length: int) -> str | None:
     """The type llama.cpp falls back to when ``row_length`` does not fit ``type_name``; None if it fits."""
     if type_name in FLOAT_TYPES or row_length % block_size(type_name) == 0:
         return None
-    fallback = FALLBACK.get(type_name, type_name)
+    fallback = GGUF_TYPES[type_name].fallback or type_name
     return fallback if row_length % block_size(fallback) == 0 else "F16"
 
 

@@ -77,7 +77,7 @@ def test_bench_writes_environment_and_one_measurement_per_artifact_and_workload(
     environment, *measurements = records
     assert environment["type"] == "environment" and environment["schema"] == "quantkit.bench/1"
     assert {"cpu", "cores", "memory_gb", "os", "runtimes", "quantkit", "artifacts"} <= environment.keys()
-    assert set(environment["runtimes"]) == {"llama.cpp", "onnxruntime", "transformers", "quantkit"}
+    assert set(environment["runtimes"]) == {"llama.cpp", "onnxruntime", "transformers", "quantkit", "executorch"}
     assert sorted((m["artifact"]["runtime"], m["workload"]["prompt_tokens"]) for m in measurements) == [
         ("llama.cpp", 16), ("llama.cpp", 32), ("onnxruntime", 16), ("onnxruntime", 32), ("transformers", 16),
         ("transformers", 32)]
@@ -136,7 +136,7 @@ def test_unsupported_artifact_kinds_and_runtimes_are_named(tmp_path, capsys):
     pte = tmp_path / "model.pte"
     pte.write_bytes(b"\0")
     assert main(["bench", str(pte)]) == 2
-    assert "ExecuTorch .pte" in capsys.readouterr().err
+    assert "the ExecuTorch runtime could not load" in capsys.readouterr().err
     with pytest.raises(QuantkitError, match="unknown runtime 'tflite'"):
         BenchOptions(runtime="tflite")
 
@@ -306,3 +306,31 @@ def test_the_childs_memory_is_its_own_not_its_parents(shipped):
     measured = list(bench_artifact(Artifact(gguf, "llama.cpp"), options))
     assert parent > 768 and measured[0]["metrics"]["peak_rss_mb"] < parent - 512, (parent, measured[0]["metrics"])
     del ballast
+
+
+def test_executorch_program_decodes_by_rerunning_the_whole_sequence(tmp_path):
+    """Today's .pte has no KV cache: each decode step re-runs the fixed-length program. The runner's greedy
+    tokens must equal those read from the full-sequence logits the runtime returns for the final sequence
+    (a padding or position error would pick other tokens)."""
+    from quantkit.bench.runners import ExecuTorchRunner
+
+    out = tmp_path / "pte"
+    assert main(["ship", "--targets", "executorch:8da8w", "--seq-len", "48", "--eval-samples", "1",
+                 "--calib-samples", "1", "--out", str(out), "--no-verify", "--quiet"]) == 0
+    pte = next(out.glob("*.pte"))
+    runner = ExecuTorchRunner(pte, threads=1, n_ctx=33)
+    prompt = list(range(40, 56))
+    token, generated = runner.prefill(prompt), []
+    for _ in range(16):
+        generated.append(token)
+        token = runner.step(token)
+    assert runner.tokens == prompt + generated  # every step fed the token before it
+    import torch
+
+    ids = torch.zeros((1, runner.length), dtype=torch.long)
+    sequence = prompt + generated
+    ids[0, : len(sequence)] = torch.tensor(sequence)
+    logits = runner.method.execute([ids])[0][0]
+    assert [int(logits[i].argmax()) for i in range(len(prompt) - 1, len(sequence) - 1)] == generated
+    with pytest.raises(Exception, match="exactly 48 tokens"):
+        ExecuTorchRunner(pte, threads=1, n_ctx=60)

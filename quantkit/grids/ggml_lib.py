@@ -74,10 +74,9 @@ def use_engine(name: str) -> Iterator[None]:
 
 
 def row_bytes(type_name: str, n_per_row: int) -> int:
-    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
-    if n_per_row % block:  # ggml would write past the buffer: never hand it such rows
-        raise ValueError(f"{type_name} needs rows that are a multiple of {block}; got rows of {n_per_row}")
-    return n_per_row // block * type_size
+    from quantkit.grids.gguf_types import GGUF_TYPES  # the registry imports the grids, which import this
+
+    return GGUF_TYPES[type_name].row_bytes(n_per_row)
 
 
 @cache
