@@ -41,11 +41,14 @@ def records(path: Path) -> list[dict]:
 
 
 def llama_bench(binary: str, gguf: Path, threads: int) -> list[dict]:
+    """llama-bench's prefill (pp128, pp512) and decode at the depths our decode runs at (tg128 after a 128- and
+    a 512-token prompt: ``-d``), same threads and repetitions."""
     # --repack 0: quantkit's runners load GGUF with llama.cpp's extra (repacking) buffer types off, as its
     # checks do (with them this llama.cpp build segfaults on these files, in llama-bench too)
-    done = run([binary, "-m", str(gguf), "-p", "128,512", "-n", "128", "-t", str(threads), "-r", "5",
-                "--repack", "0", "-o", "json"])
-    return json.loads(done.stdout)
+    common = [binary, "-m", str(gguf), "-t", str(threads), "-r", "5", "--repack", "0", "-o", "json"]
+    prefill = json.loads(run([*common, "-p", "128,512", "-n", "0"]).stdout)
+    decode = json.loads(run([*common, "-p", "0", "-n", "128", "-d", "128,512"]).stdout)
+    return prefill + decode
 
 
 def main() -> None:
@@ -106,14 +109,15 @@ def llama_bench_rows(measurements: list[dict], reference: dict) -> list[str]:
             "|---|---|---|---|---|"]
     for name, tests in reference.items():
         for test in tests:
-            n_prompt, n_gen = test["n_prompt"], test["n_gen"]
-            ours = [m for m in measurements if m["artifact"]["name"] == name and
-                    (m["workload"]["prompt_tokens"] == n_prompt if n_prompt else m["workload"]["prompt_tokens"] == 128)]
+            n_prompt, n_gen, depth = test["n_prompt"], test["n_gen"], test.get("n_depth", 0)
+            prompt = n_prompt if n_prompt else depth  # our decode follows a prompt of the same length
+            ours = [m for m in measurements
+                    if m["artifact"]["name"] == name and m["workload"]["prompt_tokens"] == prompt]
             if not ours:
                 continue
             metric = "prefill_tok_s" if n_prompt else "decode_tok_s"
             value = ours[0]["metrics"][metric]["median"]
-            label = f"pp{n_prompt}" if n_prompt else f"tg{n_gen} (ours after a 128-token prompt)"
+            label = f"pp{n_prompt}" if n_prompt else f"tg{n_gen} @ depth {depth}"
             rows.append(f"| {name} | {label} | {value:.1f} | {test['avg_ts']:.1f} ± {test['stddev_ts']:.1f} | "
                         f"{100 * (value / test['avg_ts'] - 1):+.1f}% |")
     return rows
@@ -146,7 +150,8 @@ def write_report(args, threads, ship_table, first, same, slow, reference) -> Non
         "",
     ]
     if reference:
-        lines += ["## Against llama-bench (same files, same threads, 5 repetitions, `--repack 0`)", "",
+        lines += ["## Against llama-bench (same files, same threads, 5 repetitions, `--repack 0`, flash attention "
+                  "at its default, as in quantkit's runner)", "",
                   *llama_bench_rows(measurements, reference), ""]
     lines += [
         "## bench compare",
