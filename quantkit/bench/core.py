@@ -217,6 +217,8 @@ def bench(inputs: list[str], options: BenchOptions | None = None, jsonl: Path | 
     measured."""
     options = options or BenchOptions()
     artifacts = resolve(inputs, options.runtime)
+    for artifact in artifacts:  # hashed once: the environment line and each measurement line carry it
+        artifact.sha256 = artifact.sha256 or file_sha256(artifact.path)
     device = device or LocalDevice()
     sink = None
     try:

@@ -215,14 +215,16 @@ class ExecuTorchRunner(Runner):
 
     def __init__(self, path: Path, threads: int, n_ctx: int):
         try:
+            import executorch.runtime  # noqa: F401 - fail early with the install hint
             import torch
-            from executorch.runtime import Runtime
         except ImportError:
             raise RunnerError("the ExecuTorch runtime is not installed; pip install 'quantkit[executorch]'") from None
+        from quantkit.targets.executorch import load_forward
+
         torch.set_num_threads(threads)
         self._torch = torch
         try:
-            self.method = Runtime.get().load_program(path).load_method("forward")
+            self.method = load_forward(path)  # the same loading (and delegate warm-up) as the accuracy check
         except Exception as exc:  # the runtime raises its own error types for unreadable programs
             raise RunnerError(f"the ExecuTorch runtime could not load {path} ({str(exc).splitlines()[0]})") from None
         self.length = int(tuple(self.method.metadata.input_tensor_meta(0).sizes())[-1])
