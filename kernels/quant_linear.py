@@ -84,7 +84,11 @@ def load_quantized_model(folder: str | Path, dtype: torch.dtype = torch.float32,
     modules = dict(model.named_modules())
     plain = {}
     for name in sorted({n.rsplit(".", 1)[0] for n in tensors if n.endswith(".qweight")}):
-        linear = modules[name]
+        linear = modules.get(name)
+        if linear is None:
+            raise QuantkitError(f"{folder.name}: quantkit's runtime has no module {name} in {config.model_type}'s "
+                                "transformers model (mixture-of-experts experts are not supported by it yet); "
+                                "check it with --runtime transformers")
         packed = {key: tensors[f"{name}.{key}"] for key in PACKED if f"{name}.{key}" in tensors}
         bias = tensors.get(f"{name}.bias")
         group_size = quant["group_size"] if quant["group_size"] > 0 else linear.in_features

@@ -61,7 +61,7 @@ def _add_ship(sub) -> None:
         help="quantize a model, export artifacts, verify each in its runtime, write a manifest",
         description="Quantize MODEL_DIR for each target, verify each artifact's accuracy in its own runtime "
         "against the unquantized model, and write the artifacts and manifest.json to --out.",
-        epilog=SHIP_EPILOG,
+        epilog=SHIP_EPILOG + _method_options_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR",
@@ -93,6 +93,9 @@ def _add_ship(sub) -> None:
     q.add_argument("--weighted-fit", action=argparse.BooleanOptionalAction, default=True,
                    help="gptq on GGUF grids: fit block scales with ggml's importance-weighted search, weighted by "
                    "the Hessian diagonal (the imatrix's quantity) (default: on)")
+    q.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE", dest="method_options",
+                   help="an option of the --method's config, repeatable; the options are listed at the end of "
+                   "this help (rtn has none)")
     q.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where gptq/awq run their layer-by-layer pass (default: auto = cuda if present)")
     q.add_argument("--quantize-embeddings", action="store_true",
@@ -262,13 +265,23 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
+def _method_options_help() -> str:
+    """The --method-option keys, from the methods' typed configs (declared there, once)."""
+    from quantkit.methods import METHODS
+    from quantkit.methods.options import describe
+
+    lines = [line for name, m in METHODS.items() for line in describe(name, m.config_class, frozenset(m.flagged))]
+    return "\nmethod options (--method-option KEY=VALUE):\n" + "\n".join(f"  {line}" for line in lines) + "\n"
+
+
 def _run_ship(args) -> int:
     from quantkit.pipeline import ship
     from quantkit.recipe import Recipe
 
     recipe = Recipe(
         verify=args.verify, allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
-        method=args.method, bits=args.bits, group_size=args.group_size, scheme=args.scheme,
+        method=args.method, method_options=args.method_options, bits=args.bits, group_size=args.group_size,
+        scheme=args.scheme,
         damp_percent=args.damp_percent, act_order=args.act_order, static_groups=args.static_groups,
         weighted_fit=args.weighted_fit, device=args.device, runtime=args.runtime,
         quantize_embeddings=args.quantize_embeddings, quantize_lm_head=args.quantize_lm_head,

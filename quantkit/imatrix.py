@@ -106,6 +106,9 @@ def check_covers(imatrix: ImportanceMatrix, gguf_names: list[str], origin: str) 
 def load_imatrix_option(option: str, source: ModelSource, names: list[str]) -> ImportanceMatrix | None:
     """The imatrix file ``--imatrix PATH`` names, read and checked against the weights the run quantizes
     (None for ``none`` and ``calib``: nothing to read)."""
+    if option != "none" and source.arch.experts:
+        raise QuantkitError(f"--imatrix {option}: importance matrices for mixture-of-experts models "
+                            f"({source.arch.name}) are not supported yet; drop --imatrix or use --method gptq")
     if option in ("none", "calib"):
         return None
     imatrix = read_imatrix(option)

@@ -123,7 +123,7 @@ class ModelSource:
         names = self.config.get("architectures") or []
         for name in names:
             if name in ARCHITECTURES:
-                return ARCHITECTURES[name]
+                return ARCHITECTURES[name].bind(self.config)
         found = ", ".join(names) if names else "none listed in config.json 'architectures'"
         raise QuantkitError(f"unsupported architecture ({found}); supported: {supported_names()}")
 

@@ -39,7 +39,7 @@ from quantkit.model import ModelSource
 from quantkit.quiet import third_party_quiet
 from quantkit.recipe import Recipe, check_grid_fits, quantized_tensor_names
 from quantkit.reference import Reference
-from quantkit.sequential import GridPlan, SequentialResult, quantize_sequential
+from quantkit.sequential import MIN_EXPERT_TOKENS, GridPlan, SequentialResult, quantize_sequential
 from quantkit.streaming import BlockStreamer
 from quantkit.targets import ExportContext, Target, parse_target
 from quantkit.targets.base import Quantizer, Rounding
@@ -191,8 +191,21 @@ class WeightQuantizer(Quantizer):
                                          self.block_names, grid, self.method.quantize_block, self.progress,
                                          label=self.method.name, streamer=streamer)
             result.replaced = {n: t.to("cpu") for n, t in result.replaced.items()}
+            if result.expert_fallbacks:
+                n = sum(len(v) for v in result.expert_fallbacks.values())
+                self.log(f"{n} experts (over all blocks) saw fewer than {MIN_EXPERT_TOKENS} calibration tokens: "
+                         "calibrated on every token of their block (GPTQ) or left unscaled and unclipped (AWQ)")
             self._by_grid[grid] = result
         return self._by_grid[grid]
+
+    @property
+    def expert_fallbacks(self) -> dict[str, list[int]]:
+        """Block index -> experts that fell back for too few routed tokens, over every pass so far."""
+        found: dict[str, set[int]] = {}
+        for result in self._by_grid.values():
+            for block, experts in result.expert_fallbacks.items():
+                found.setdefault(str(block), set()).update(experts)
+        return {block: sorted(experts) for block, experts in sorted(found.items(), key=lambda kv: int(kv[0]))}
 
     def importance_matrix(self) -> ImportanceMatrix | None:
         """The run's importance matrix: the file's, or collected from the calibration text on first use
@@ -317,6 +330,8 @@ def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Targ
         if reference:
             reference.close()
     imatrix = _imatrix_entry(recipe, quantizer, tmp)
+    if calibration is not None and quantizer.expert_fallbacks:
+        calibration["experts_on_all_tokens"] = {"min_tokens": MIN_EXPERT_TOKENS, "blocks": quantizer.expert_fallbacks}
 
     ref_entry = {"runtime": "transformers (torch fp32)", "metrics": reference.metrics.to_dict()} if reference else {}
     result = ShipResult(out_dir=out, manifest={}, artifacts=artifacts, reference=ref_entry)

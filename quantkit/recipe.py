@@ -11,6 +11,7 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.grids import PER_CHANNEL, IntGrid
 from quantkit.methods import METHODS
+from quantkit.methods.options import parse_method_options
 from quantkit.model import ModelSource
 
 ACT_ORDERS = ("static", "group", "off")
@@ -19,6 +20,8 @@ ACT_ORDERS = ("static", "group", "off")
 @dataclass
 class Recipe:
     method: str = "rtn"
+    # KEY=VALUE options of the method's typed config (AWQConfig, GPTQConfig fields without a flag of their own)
+    method_options: list[str] = field(default_factory=list)
     bits: int = 4
     group_size: int = 128  # -1 per channel, 0 per tensor
     scheme: str = "sym"  # sym = absmax, asym = zero-point
@@ -55,6 +58,11 @@ class Recipe:
     # accept artifacts whose runtime tokenizes differently from tokenizer.json (recorded in the manifest)
     allow_tokenizer_mismatch: bool = False
 
+    def parsed_method_options(self) -> dict[str, object]:
+        """``method_options`` typed and checked against the method's config."""
+        method = METHODS[self.method]
+        return parse_method_options(self.method, method.config_class, self.method_options, method.flagged)
+
     def validate(self) -> None:
         if isinstance(self.act_order, bool):  # the API's earlier spelling: True was g_idx-style act-order
             self.act_order = "group" if self.act_order else "off"
@@ -80,6 +88,8 @@ class Recipe:
             raise QuantkitError("--seq-len must be >= 2 and sample counts >= 1")
         self._validate_imatrix()
         self._validate_gguf_types()
+        self.parsed_method_options()  # keys and types, for every method (rtn takes none)
+        METHODS[self.method].from_recipe(self)  # the method's own config checks (values of --method-option)
 
     def _validate_gguf_types(self) -> None:
         """Malformed GGUF type options fail here even when no GGUF target would read them."""

@@ -56,6 +56,7 @@ class BlockJob:
     inputs: BlockInputs
     grid: Grid  # the block's grid; a linear of ``grids`` is quantized on its own
     grids: dict[str, Grid] = field(default_factory=dict)  # block-relative linear name -> grid
+    fallbacks: set[int] = field(default_factory=set)  # experts calibrated on all tokens (too few routed)
 
     def grid_of(self, name: str) -> Grid:
         return self.grids.get(name, self.grid)
@@ -70,6 +71,8 @@ class SequentialResult:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     # Float tensors the method rescaled (AWQ folds scales into norms): full name -> new value.
     replaced: dict[str, torch.Tensor] = field(default_factory=dict)
+    # block index -> experts that saw fewer than MIN_EXPERT_TOKENS calibration tokens (see group_statistics)
+    expert_fallbacks: dict[int, list[int]] = field(default_factory=dict)
 
 
 def block_output(out) -> torch.Tensor:
@@ -195,6 +198,27 @@ def shared_input_statistics(block: nn.Module, names: list[str], inputs: BlockInp
 QuantizeFn = Callable[[torch.Tensor, Grid, LinearStats], QuantizedWeight]
 
 
+# An expert the router sends fewer calibration tokens than this is calibrated on every token of its block
+# instead: a Hessian from a handful of tokens fits those tokens, not the expert's inputs at large.
+MIN_EXPERT_TOKENS = 64
+
+
+@torch.no_grad()
+def group_statistics(job: BlockJob, members: list[str]) -> LinearStats:
+    """``shared_input_statistics`` for one group of linears; an expert's group that too few calibration
+    tokens reach (``MIN_EXPERT_TOKENS``) is measured on every token of the block, and listed in
+    ``job.fallbacks``."""
+    stats = shared_input_statistics(job.block, members, job.inputs)
+    expert = job.arch.expert_of(members[0])
+    if expert is None or stats.tokens >= MIN_EXPERT_TOKENS:
+        return stats
+    from quantkit.arch.moe import all_tokens_to
+
+    job.fallbacks.add(expert)
+    with all_tokens_to(job.block, job.arch, expert):
+        return shared_input_statistics(job.block, members, job.inputs)
+
+
 @torch.no_grad()
 def quantize_linear_by_linear(job: BlockJob, quantize: QuantizeFn) -> dict[str, QuantizedWeight]:
     """Per-linear methods (GPTQ): for each group of linears reading the same input, in execution
@@ -204,7 +228,7 @@ def quantize_linear_by_linear(job: BlockJob, quantize: QuantizeFn) -> dict[str, 
         members = [n for n in group if n in job.members]
         if not members:
             continue
-        stats = shared_input_statistics(job.block, members, job.inputs)
+        stats = group_statistics(job, members)
         for name in members:
             module = job.block.get_submodule(name)
             qw = quantize(module.weight.detach().float(), job.grid_of(name), stats)
@@ -247,6 +271,8 @@ def quantize_sequential(model: nn.Module, arch: Architecture, calib_ids: torch.T
         result.quantized.update({f"{prefix}{n}.weight": qw.to("cpu").compact()
                                  for n, qw in block_result.quantized.items()})
         result.replaced.update({f"{prefix}{n}": t for n, t in block_result.replaced.items()})
+        if job.fallbacks:
+            result.expert_fallbacks[index] = sorted(job.fallbacks)
         hidden = job.run()
         if streamer:
             streamer.release_block(index)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantkit.arch.moe import install_expert_linears
 from quantkit.model import ModelSource
 
 
@@ -31,6 +32,7 @@ class BlockStreamer:
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model.eval()
+        install_expert_linears(self.model, source.arch, config)  # experts by the checkpoint's names, per linear
         self.blocks = self.model.get_submodule(source.arch.blocks_module)
         arch = source.arch
         # the lm_head stays on meta: passes that need output logits project the final hidden states

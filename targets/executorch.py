@@ -238,6 +238,9 @@ class ExecuTorchTarget(Target):
     def validate(self, ctx: ExportContext) -> None:
         if executorch_version() is None:
             raise QuantkitError(f"the executorch target needs ExecuTorch installed; {INSTALL_HINT}")
+        if ctx.source.arch.experts:
+            raise QuantkitError(f"{self.name} cannot express {ctx.source.arch.name} models yet (mixture of experts: "
+                                "torch.export cannot trace data-dependent routing); use a gguf or hf-gptq target")
         grid = self.grid(ctx.recipe)
         if not grid.symmetric:
             raise QuantkitError(f"{self.name} stores symmetric weights only (XNNPACK's int4/int8 weights have no "

@@ -11,7 +11,7 @@ import json
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -53,6 +53,11 @@ class PlannedTensor:
     grid: GGUFBlockGrid | None
     rope_heads: int | None = None  # rows are permuted for llama.cpp's rope layout with this many heads
     offset: float = 0.0  # added to the values (Gemma's norms: llama.cpp wants 1 + weight)
+    parts: tuple[str, ...] = ()  # HF matrices stacked into this 3-D tensor, one per expert (``hf_name`` is the first)
+
+    @property
+    def hf_names(self) -> tuple[str, ...]:
+        return self.parts or (self.hf_name,)
 
     def nbytes(self) -> int:
         kind = GGUF_TYPES[self.ggml_type.name]
@@ -179,7 +184,8 @@ class GGUFTarget(Target):
         n_kv = source.config.get("num_key_value_heads") or n_head
         facts = ModelFacts(source.n_layers, n_head // n_kv, source.tied_embeddings,
                            source.arch.is_70b(source.n_layers, source.config),
-                           imatrix=getattr(recipe, "imatrix", "none") not in (None, "none"))
+                           imatrix=getattr(recipe, "imatrix", "none") not in (None, "none"),
+                           n_expert=source.arch.experts.count(source.config) if source.arch.experts else 0)
         embd, out = recipe.token_embedding_type, recipe.output_tensor_type
         return TypeChooser(self.file_type, facts, recipe.pure, [parse_override(s) for s in recipe.tensor_types],
                            override_type(embd, "--token-embedding-type") if embd else None,
@@ -195,27 +201,35 @@ class GGUFTarget(Target):
         decided: dict[str, list[str]] = {}  # option -> tensors it typed
         chosen_names: list[str] = []
 
-        def entry(hf: str, name: str, rope_heads: int | None = None, layer: int | None = None) -> PlannedTensor:
+        floats = {f"{arch.block(i)}{n}.weight" for i in range(source.n_layers) for n in arch.float_tensors}
+
+        def entry(hf: str, name: str, rope_heads: int | None = None, layer: int | None = None,
+                  parts: tuple[str, ...] = ()) -> PlannedTensor:
             shape = source.tensors[hf].shape
-            if len(shape) == 1:  # norms and biases stay F32, as llama.cpp expects
+            if parts:
+                shape = (len(parts), *shape)
+            if len(shape) == 1 or hf in floats:  # norms, biases and routers stay F32, as llama.cpp expects
                 return PlannedTensor(name, hf, shape, GGMLType.F32, None,
                                      offset=arch.norm_offset if hf in norms else 0.0)
             if chooser is None or any(fnmatch.fnmatch(hf, p) for p in recipe.exclude):
-                return PlannedTensor(name, hf, shape, float_type, None, rope_heads)
+                return PlannedTensor(name, hf, shape, float_type, None, rope_heads, parts=parts)
             chosen_names.append(name)
-            choice = chooser.choose(name, layer, shape[1])
+            choice = chooser.choose(name, layer, shape[-1])
             if choice.by:
                 decided.setdefault(choice.by, []).append(name)
             if choice.fallback_from:
-                fallbacks.setdefault((shape[1], choice.fallback_from, choice.type), []).append(name)
-            return PlannedTensor(name, hf, shape, GGMLType[choice.type], GGUF_GRIDS.get(choice.type), rope_heads)
+                fallbacks.setdefault((shape[-1], choice.fallback_from, choice.type), []).append(name)
+            return PlannedTensor(name, hf, shape, GGMLType[choice.type], GGUF_GRIDS.get(choice.type), rope_heads,
+                                 parts=parts)
 
         plan = [entry(arch.embedding, "token_embd.weight")]
         for i in range(source.n_layers):
             prefix = arch.block(i)
-            for hf_rel, gguf_rel in arch.gguf_block_names.items():
+            for gguf_rel, hf_rels in arch.gguf_block_tensors():
+                hf_rel = hf_rels[0]
                 heads = arch.rope_heads(hf_rel, cfg)
-                plan.append(entry(f"{prefix}{hf_rel}.weight", f"blk.{i}.{gguf_rel}.weight", heads, i))
+                parts = tuple(f"{prefix}{n}.weight" for n in hf_rels) if len(hf_rels) > 1 else ()
+                plan.append(entry(f"{prefix}{hf_rel}.weight", f"blk.{i}.{gguf_rel}.weight", heads, i, parts))
                 if hf_rel in arch.biased_linears:
                     plan.append(entry(f"{prefix}{hf_rel}.bias", f"blk.{i}.{gguf_rel}.bias", heads))
         plan.append(entry(arch.final_norm, "output_norm.weight"))
@@ -244,7 +258,8 @@ class GGUFTarget(Target):
     def _grid_plan(self, plan: list[PlannedTensor], ctx: ExportContext) -> GridPlan | None:
         """The grid of every quantized block linear, when the file type gives them more than one."""
         base = self.grid(ctx.recipe)
-        others = tuple((t.hf_name, t.grid) for t in self._block_linears(plan, ctx.source) if t.grid != base)
+        others = tuple((name, t.grid) for t in self._block_linears(plan, ctx.source) if t.grid != base
+                       for name in t.hf_names)
         return GridPlan(base, others) if base is not None and others else None
 
     # ---- export ---------------------------------------------------------------------------------
@@ -270,7 +285,12 @@ class GGUFTarget(Target):
         writer.close()
 
     def _tensor_chunks(self, ctx: ExportContext, t: PlannedTensor, grids: GridPlan | None) -> Iterator[np.ndarray]:
-        """The tensor's bytes in row chunks, rows in llama.cpp's rope layout where it needs one."""
+        """The tensor's bytes in row chunks, rows in llama.cpp's rope layout where it needs one; a stack of
+        experts' matrices is each expert's bytes in turn (llama.cpp quantizes a 3-D tensor matrix by matrix)."""
+        if t.parts:
+            for part in t.parts:
+                yield from self._tensor_chunks(ctx, replace(t, hf_name=part, shape=t.shape[1:], parts=()), grids)
+            return
         head = t.shape[0] // t.rope_heads if t.rope_heads else 1
         rounding = ctx.quantizer.rounding(t.hf_name, t.grid) if t.grid is not None else None
         if t.grid is not None and rounding is None:  # the method's result (GPTQ, AWQ): already in memory

@@ -7,8 +7,9 @@ layers, everything else in the base type. ``pure`` drops the rules (llama-quanti
 by name pattern come first, as llama-quantize's --tensor-type / --token-embedding-type /
 --output-tensor-type do. Rows that do not fit a type's blocks fall back as llama.cpp does.
 
-Only the rules of the architectures quantkit exports are kept (dense models: no experts, no Falcon); a
-fused q/k/v matrix (Phi-3's attn_qkv) follows attn_v's rules, as in llama.cpp.
+Only the rules of the architectures quantkit exports are kept (no Falcon, no IQ types); a fused q/k/v
+matrix (Phi-3's attn_qkv) follows attn_v's rules and the experts' stacks (ffn_down_exps, ...) their dense
+role's, as in llama.cpp, which also spends more bits on attention in 8-expert models (``EIGHT_EXPERTS``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ModelFacts:
     tied: bool = False  # no output.weight: the token embedding is the output projection
     size_70b: bool = False
     imatrix: bool = False  # an importance matrix is used (some rules depend on it)
+    n_expert: int = 0  # experts per mixture-of-experts layer (0: a dense model)
 
 
 # (layer index, model facts) -> type, or None for the base type
@@ -126,7 +128,13 @@ def supported_names() -> list[str]:
 
 # llama.cpp's quantizer counts a fused q/k/v matrix (Phi-3's attn_qkv) as an attention-V tensor: it gets
 # attn_v's rules, in attn_v's layer count (checked byte for byte against llama_model_quantize)
-SAME_RULES_AS = {"attn_qkv": "attn_v"}
+SAME_RULES_AS = {"attn_qkv": "attn_v", "ffn_down_exps": "ffn_down", "ffn_gate_exps": "ffn_gate",
+                 "ffn_up_exps": "ffn_up"}
+
+# llama.cpp's rules for models of exactly 8 experts (Mixtral-8x7B's size, where attention is a small part of
+# the file): attn_v and attn_k in Q8_0 whatever the file type, attn_output in Q5_K for these file types (and
+# the dense attn_output rules do not apply)
+EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M")
 
 
 def role(gguf_name: str) -> str:
@@ -226,10 +234,14 @@ class TypeChooser:
         tensor_role = role(name)
         index = self._reached.get(tensor_role, 0)
         self._reached[tensor_role] = index + 1
+        if facts.n_expert == 8 and tensor_role == "attn_output":
+            return "Q5_K" if self.file_type.name in EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K else base
         rule = self.file_type.rules.get(tensor_role)
         chosen = (rule(index, facts) if rule and layer is not None else None) or base
         if tensor_role == "attn_v" and facts.size_70b and chosen in ("Q3_K", "Q4_K"):
             chosen = "Q5_K"
+        if facts.n_expert == 8 and tensor_role in ("attn_v", "attn_k"):
+            chosen = "Q8_0"
         return chosen
 
     def needs_imatrix(self, name: str, type_name: str) -> bool:

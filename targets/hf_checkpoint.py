@@ -84,16 +84,17 @@ def write_quantized_checkpoint(ctx: ExportContext, path: Path, grid: IntGrid,
     method left it: AWQ rescales norms), config with ``quantization_config``, tokenizer copied."""
     source = ctx.source
     quantized = set(ctx.quantized_names)
+    rename = source.arch.checkpoint_name
     path.mkdir()
     writer = ShardWriter(path, MAX_SHARD_BYTES)
     for name in tqdm(sorted(source.tensors), desc=f"write {path.name}", unit="tensor", disable=not ctx.progress,
                      leave=False):
         if name in quantized:
-            prefix = name.removesuffix(".weight")
+            prefix = rename(name).removesuffix(".weight")
             for key, value in pack(ctx.quantize(name, grid)).items():
                 writer.add(f"{prefix}.{key}", value)
         else:
-            writer.add(name, ctx.load(name, grid).to(torch.float16))
+            writer.add(rename(name), ctx.load(name, grid).to(torch.float16))
     writer.close()
     config = dict(source.config)
     config.pop("torch_dtype", None)
@@ -118,7 +119,7 @@ def hf_logits(path: Path, ids: torch.Tensor, progress: bool) -> Iterator[np.ndar
     hf_logging.disable_progress_bar()
     try:
         # gptqmodel prints banners and logs on stdout; keep stdout clean for --json (and quiet runs silent)
-        with contextlib.redirect_stdout(sys.stderr), silenced():
+        with contextlib.redirect_stdout(sys.stderr), silenced(), fused_experts_split(path):
             # fp32 activations: what a CPU deployment runs; the packed weights are decoded by the backend
             model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32)
     except ImportError as exc:
@@ -127,6 +128,50 @@ def hf_logits(path: Path, ids: torch.Tensor, progress: bool) -> Iterator[np.ndar
     with torch.no_grad():
         for row in tqdm(ids, desc=f"transformers {path.name}", unit="seq", disable=not progress, leave=False):
             yield model(input_ids=row[None]).logits[0].float().numpy()
+
+
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def fused_experts_split(path: Path) -> Iterator[None]:
+    """While open, transformers loads a mixture-of-experts checkpoint with one linear per expert.
+
+    transformers 5 keeps experts as fused 3-D tensors, which its GPTQ / AWQ loading cannot fill from
+    per-expert quantized linears; gptqmodel's defuser patches the model classes and the checkpoint name
+    mapping so that experts load one linear each (what ``GPTQModel.load`` does too). The patch is global to
+    the process, so what it replaced is put back on exit: models built later (quantkit's own streamed passes,
+    a user's) are transformers' own again. A no-op for dense models."""
+    from quantkit.model import ModelSource
+
+    if ModelSource(path).arch.experts is None:
+        yield
+        return
+    import importlib
+
+    import defuser
+    from defuser.model_registry import MODEL_CONFIG, PATCH
+    from transformers import conversion_mapping, modeling_utils
+
+    model_type = json.loads((path / "config.json").read_text())["model_type"]
+    patched = [(conversion_mapping, "get_checkpoint_conversion_mapping"),
+               (modeling_utils, "get_checkpoint_conversion_mapping")]
+    for original, _ in MODEL_CONFIG.get(model_type, {}).get(PATCH.REPLACE_MODULE, []):
+        module, _, name = original.rpartition(".")
+        patched.append((importlib.import_module(module), name))
+    saved = [(owner, name, getattr(owner, name, _ABSENT)) for owner, name in patched]
+    try:
+        if not defuser.replace_fused_blocks(model_type):
+            raise QuantkitError(f"gptqmodel's defuser cannot split {model_type}'s experts in this transformers; "
+                                "transformers cannot load the quantized experts")
+        yield
+    finally:
+        for owner, name, value in saved:
+            if value is _ABSENT:
+                if hasattr(owner, name):
+                    delattr(owner, name)
+            else:
+                setattr(owner, name, value)
 
 
 class HFCheckpointTarget(Target):

@@ -90,8 +90,9 @@ class ONNXTarget(Target):
         _require_onnx()
         missing = sorted(ctx.source.arch.features - FEATURES)
         if missing:
+            others = "gguf or hf-gptq" + ("" if "mixture of experts" in missing else " or executorch")
             raise QuantkitError(f"{self.kind} cannot express {ctx.source.arch.name} models yet ({', '.join(missing)} "
-                                "not in its graph); use a gguf, hf-gptq or executorch target")
+                                f"not in its graph); use a {others} target")
         grid = self.grid(ctx.recipe)
         if grid.bits not in MATMUL_NBITS_BITS:
             raise QuantkitError(f"{self.kind}: onnxruntime's MatMulNBits runs {', '.join(map(str, MATMUL_NBITS_BITS))}"

@@ -22,9 +22,11 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from quantkit.model import default_model_dir
@@ -64,6 +66,15 @@ TINY_CONFIGS = {
     # query_pre_attn_scalar = head_dim, as llama.cpp assumes below 27B; soft-capping at Gemma 2's defaults
     "gemma2": lambda: Gemma2Config(**TINY, head_dim=32, query_pre_attn_scalar=32),
     "gemma3": lambda: Gemma3TextConfig(**TINY, head_dim=32, query_pre_attn_scalar=32),
+    # 8 experts: llama.cpp's quantizer has rules for exactly that count; 256-wide rows so k-quants apply
+    "mixtral": lambda: MixtralConfig(**{**TINY, "hidden_size": 256}, num_local_experts=8, num_experts_per_tok=2,
+                                     sliding_window=None, tie_word_embeddings=False),
+    # odd sizes: hidden 96 (not a multiple of 128), one KV head; 16 experts, 2 per token, so that short
+    # calibration leaves some experts with few tokens (the fallback's case)
+    "qwen3_moe": lambda: Qwen3MoeConfig(**{**TINY, "hidden_size": 96, "num_key_value_heads": 1}, head_dim=32,
+                                        num_experts=16, num_experts_per_tok=2, moe_intermediate_size=64,
+                                        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                                        tie_word_embeddings=False),
 }
 
 

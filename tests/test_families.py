@@ -20,11 +20,17 @@ FAMILY_TARGETS = {  # family -> (method, targets)
     "gemma2": ("gptq", ["gguf:Q8_0", "gguf:Q4_K_M", "hf-gptq", "executorch"]),
     # AWQ folds its scales through Gemma's (1 + weight) norms
     "gemma3": ("awq", ["gguf:Q8_0", "gguf:Q4_K_M", "hf-awq"]),
+    # mixture of experts: each expert calibrated on its own tokens (GPTQ), AWQ's scales folded through the router
+    "mixtral": ("gptq", ["gguf:Q8_0", "gguf:Q4_K_M", "hf-gptq"]),
+    "qwen3_moe": ("awq", ["gguf:Q8_0", "gguf:Q4_K_M", "hf-awq"]),
 }
 REFUSED = {
     "phi3": {"onnx": "onnx cannot express phi3 models yet (fused qkv and gate_up linears"},
     "gemma2": {"onnx": "onnx cannot express gemma2 models yet (gelu_tanh activation, offset norms"},
     "gemma3": {"ort": "ort cannot express gemma3 models yet (gelu_tanh activation, offset norms"},
+    "mixtral": {"onnx": "onnx cannot express mixtral models yet (mixture of experts not in its graph",
+                "executorch": "executorch:8da4w cannot express mixtral models yet (mixture of experts"},
+    "qwen3_moe": {"executorch": "executorch:8da4w cannot express qwen3_moe models yet (mixture of experts"},
 }
 NO_GATE = dict(max_ppl_increase_pct=1e9, max_kld=1e9, min_top1=0.0)
 
@@ -63,5 +69,6 @@ def test_family_a_target_cannot_express_is_refused_by_name(tiny_models, tmp_path
     from quantkit.errors import QuantkitError
 
     with pytest.raises(QuantkitError, match=REFUSED[family][target].replace("(", r"\(")):
-        quantkit.ship(tiny_models[family], targets=[target], out=tmp_path / "o", eval_samples=1, seq_len=32)
+        quantkit.ship(tiny_models[family], targets=[target], out=tmp_path / "o", eval_samples=1, seq_len=32,
+                      group_size=32)
     assert not (tmp_path / "o").exists()

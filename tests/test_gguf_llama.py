@@ -152,7 +152,8 @@ def test_f32_logits_equal_transformers_on_default_model(default_f32):
     assert err < 2e-3 * max(1.0, scale), (err, scale)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3",
+                                  "mixtral", "qwen3_moe"])
 def test_f32_logits_equal_transformers_for_each_architecture(tiny_models, tmp_path, name):
     """Checks the rope permutation (llama, mistral), biases (qwen2) and tied embeddings in llama.cpp."""
     path = export(tiny_models[name], "F32", tmp_path / f"{name}.gguf")
@@ -236,6 +237,20 @@ def test_fused_qkv_follows_llama_cpps_rules_in_every_mix(tiny_models, tmp_path, 
     f32 = export(tiny_models["phi3"], "F32", tmp_path / "f32.gguf")
     ours = tensors(export(tiny_models["phi3"], gguf_type, tmp_path / "ours.gguf"))
     assert_same_tensors(ours, tensors(llama_quantize(f32, tmp_path / "theirs.gguf", gguf_type)))
+
+
+@pytest.mark.parametrize("name,gguf_type", [("mixtral", t) for t in ("Q8_0", "Q4_K_M", "Q3_K_M", "Q3_K_L", "Q2_K")]
+                         + [("qwen3_moe", "Q4_K_M")])
+def test_experts_stacks_and_rules_match_llama_cpp(tiny_models, tmp_path, name, gguf_type):
+    """Each expert's matrices stacked into one 3-D tensor per role, quantized expert by expert; the router
+    kept in F32; 8-expert models get llama.cpp's own rules (attn_v / attn_k in Q8_0, attn_output in Q5_K)."""
+    f32 = export(tiny_models[name], "F32", tmp_path / "f32.gguf")
+    ours = tensors(export(tiny_models[name], gguf_type, tmp_path / "ours.gguf"))
+    assert_same_tensors(ours, tensors(llama_quantize(f32, tmp_path / "theirs.gguf", gguf_type)))
+    assert ours["blk.0.ffn_gate_inp.weight"].tensor_type == GGMLType.F32
+    assert len(ours["blk.1.ffn_down_exps.weight"].shape) == 3
+    if name == "mixtral" and gguf_type != "Q8_0":
+        assert ours["blk.0.attn_k.weight"].tensor_type == GGMLType.Q8_0
 
 
 def test_mix_falls_back_for_rows_that_do_not_fit(tiny_models, tmp_path):

@@ -8,7 +8,7 @@ family needs (``Architecture.features``) refuses it by name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from quantkit.errors import QuantkitError
 
@@ -48,6 +48,60 @@ class FoldPoint:
     producer: str
     consumers: tuple[str, ...]
     inspect: str
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts MLP as the checkpoint stores it: a router (kept in float) and, per expert, its own
+    gate, up and down linears (``{module}.experts.{e}.{gate}``). The module that runs them in memory is
+    quantkit's (``quantkit.arch.moe.ExpertLinears``), so each expert's linears are ordinary modules that the
+    methods calibrate on the tokens routed to them."""
+
+    module: str  # block-relative MoE module, e.g. "block_sparse_moe"
+    count_keys: tuple[str, ...]  # config keys of the number of experts (transformers 5 may save another name)
+    router: str = "gate"  # relative to ``module``
+    gate: str = "gate_proj"  # relative to ``module.experts.{e}``
+    up: str = "up_proj"
+    down: str = "down_proj"
+    used_key: str = "num_experts_per_tok"
+    width_key: str = "intermediate_size"  # config key of one expert's hidden width
+    loaded_as: str = ""  # the block attribute transformers loads the MoE module as, when not ``module``
+    normalize_key: str | None = None  # config flag: renormalise the chosen experts' weights (None: always)
+
+    def __post_init__(self) -> None:
+        if not self.loaded_as:
+            object.__setattr__(self, "loaded_as", self.module)
+
+    @property
+    def experts_module(self) -> str:
+        return f"{self.module}.experts"
+
+    @property
+    def router_name(self) -> str:
+        return f"{self.module}.{self.router}"
+
+    def count(self, config: dict) -> int:
+        for key in self.count_keys:
+            if config.get(key):
+                return int(config[key])
+        return int(hparam(config, self.count_keys[0]))
+
+    def checkpoint_name(self, name: str) -> str:
+        """A tensor's name in a quantized HF checkpoint (hf-gptq, hf-awq), as transformers 5 reads one after
+        gptqmodel's defuser has split its fused experts: the MoE module under its loaded name, each expert's
+        linears as gate_proj / up_proj / down_proj."""
+        head, sep, tail = name.partition(f".{self.module}.")
+        if not sep:
+            return name
+        parts = tail.split(".")
+        if parts[0] == "experts" and len(parts) > 2:
+            own = {self.gate: "gate_proj", self.up: "up_proj", self.down: "down_proj"}
+            parts[2] = own.get(parts[2], parts[2])
+        return ".".join([head, self.loaded_as, *parts])
+
+    def linear(self, expert: int, part: str) -> str:
+        """Block-relative name of one expert's gate / up / down linear."""
+        return f"{self.experts_module}.{expert}.{getattr(self, part)}"
 
 
 def hparam(config: dict, key: str, default=None):
@@ -108,6 +162,51 @@ class Architecture:
     # llama.cpp calls an 80-layer model "70B" (which its quantizer rules read) only with grouped KV heads for
     # some families (llama: 80 layers and n_kv == n_head is its 65B), for others at any head count (qwen2).
     size_70b_needs_gqa: bool = True
+    # a mixture-of-experts MLP in place of the dense one (``linears`` then lists attention's only until
+    # ``bind`` adds each expert's, whose count the config gives)
+    experts: Experts | None = None
+    # block-relative GGUF tensor -> the HF tensors stacked into it, one per expert (filled by ``bind``)
+    gguf_stacks: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # per-expert parts of the MoE MLP, GGUF names of the stacks (llama.cpp's)
+    expert_gguf_names: tuple[tuple[str, str], ...] = (("gate", "ffn_gate_exps"), ("up", "ffn_up_exps"),
+                                                      ("down", "ffn_down_exps"))
+
+    def bind(self, config: dict) -> Architecture:
+        """This family for one checkpoint: a mixture-of-experts family gets each expert's linears (in execution
+        order), their fold points and their GGUF stacks; a dense one is returned as it is."""
+        x = self.experts
+        if x is None or self.gguf_stacks:
+            return self
+        count = x.count(config)
+        parts = [(x.linear(e, "gate"), x.linear(e, "up"), x.linear(e, "down")) for e in range(count)]
+        router_input = next(f.producer for f in self.fold_points if x.router_name in f.consumers)
+        folds = tuple(f for f in self.fold_points if f.producer != router_input) + (
+            FoldPoint(router_input, (x.router_name, *(n for g, u, _ in parts for n in (g, u))), x.module),
+            *(FoldPoint(u, (d,), d) for _, u, d in parts))
+        return replace(
+            self,
+            linears=self.linears + tuple(n for p in parts for n in p),
+            linear_groups=self.linear_groups + tuple(g for gate, up, down in parts for g in ((gate, up), (down,))),
+            fold_points=folds,
+            gguf_block_names={**self.gguf_block_names, x.router_name: "ffn_gate_inp"},
+            gguf_stacks=tuple((gguf, tuple(x.linear(e, part) for e in range(count)))
+                              for part, gguf in self.expert_gguf_names),
+        )
+
+    def checkpoint_name(self, name: str) -> str:
+        """A full tensor name as quantized HF checkpoints of this family name it."""
+        return self.experts.checkpoint_name(name) if self.experts else name
+
+    def expert_of(self, name: str) -> int | None:
+        """The expert a block-relative linear belongs to, None outside the experts."""
+        if self.experts is None or not name.startswith(self.experts.experts_module + "."):
+            return None
+        return int(name[len(self.experts.experts_module) + 1:].split(".", 1)[0])
+
+    @property
+    def float_tensors(self) -> tuple[str, ...]:
+        """Block-relative matrices that stay in float in every artifact (a router, as llama.cpp keeps it)."""
+        return (self.experts.router_name,) if self.experts else ()
 
     def block(self, index: int) -> str:
         return self.block_prefix.format(index=index)
@@ -130,6 +229,8 @@ class Architecture:
             found.add("offset norms")
         if self.activation != "silu":
             found.add(f"{self.activation} activation")
+        if self.experts:
+            found.add("mixture of experts")
         return frozenset(found)
 
     # ---- GGUF -----------------------------------------------------------------------------------
@@ -143,6 +244,10 @@ class Architecture:
                 if hf_rel in self.biased_linears:
                     names[f"{self.block(i)}{hf_rel}.bias"] = f"blk.{i}.{gguf_rel}.bias"
         return names
+
+    def gguf_block_tensors(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Each block-relative GGUF tensor with the HF tensors it holds: one, or one per expert stacked."""
+        return [(gguf, (hf,)) for hf, gguf in self.gguf_block_names.items()] + list(self.gguf_stacks)
 
     def norm_weights(self, n_layers: int) -> set[str]:
         """Every RMSNorm weight of the model (the final norm, each block's, q/k norms)."""
@@ -174,6 +279,15 @@ class Architecture:
         w.add_rope_dimension_count(head_dim)
         w.add_rope_freq_base(rope_theta(config))
         w.add_vocab_size(hparam(config, "vocab_size"))
+        self.write_gguf_experts(w, config)
+
+    def write_gguf_experts(self, w, config: dict) -> None:
+        if self.experts is None:
+            return
+        w.add_expert_count(self.experts.count(config))
+        w.add_expert_used_count(int(hparam(config, self.experts.used_key)))
+        if self.experts.width_key != "intermediate_size":
+            w.add_expert_feed_forward_length(int(hparam(config, self.experts.width_key)))
 
     def write_gguf_shape(self, w, config: dict, n_layers: int) -> int:
         """Sizes every family writes alike: context, widths, layers, heads, RMSNorm epsilon; returns head_dim."""

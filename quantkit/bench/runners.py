@@ -182,8 +182,12 @@ class TransformersRunner(Runner):
     def _load(self, path: Path):
         from transformers import AutoModelForCausalLM
 
-        # fp32 activations, as quantkit's accuracy check and a CPU deployment run them
-        return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=self._torch.float32).eval()
+        from quantkit.targets.hf_checkpoint import fused_experts_split
+
+        # fp32 activations, as quantkit's accuracy check and a CPU deployment run them; quantized experts
+        # load one linear each (mixture-of-experts models only)
+        with fused_experts_split(path):
+            return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=self._torch.float32).eval()
 
     @property
     def vocab_size(self) -> int:

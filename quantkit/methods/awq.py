@@ -13,28 +13,33 @@ each linear's clipping range is searched per group, and the weights are rounded 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from quantkit.grids import PER_TENSOR, Grid, QuantizedWeight, QuantParams
 from quantkit.methods.base import Method, grouped
+from quantkit.methods.options import build_config
 from quantkit.methods.rtn import RoundToNearest
-from quantkit.sequential import BlockJob, SequentialResult, StopForward, block_output
+from quantkit.sequential import MIN_EXPERT_TOKENS, BlockJob, SequentialResult, StopForward, block_output
 
 CLIP_TOKENS = 2048  # tokens scoring clip ratios (embedded model: 512 gave +0.31 % perplexity, 2048 +0.22 %)
 
 
 @dataclass(frozen=True)
 class AWQConfig:
-    n_grid: int = 20
-    search_rows: int = 8  # calibration sequences the scale search runs the block on (each alpha, each fold)
-    duo_scaling: bool = True  # divide by weight magnitude^(1 - alpha) too (lower KLD on the embedded model)
-    clip: bool = True
-    clip_qk: bool = True  # AutoAWQ skips q/k; here clipping them measured lower KLD
-    clip_grid: int = 20
-    max_shrink: float = 0.5  # smallest clipping range tried: (1 - max_shrink) x the group's range
+    n_grid: int = field(default=20, metadata={"help": "scales tried per fold (alpha = 0, 1/n, ..., (n-1)/n)"})
+    search_rows: int = field(default=8, metadata={
+        "help": "calibration sequences the scale search runs each block on (each alpha, each fold)"})
+    duo_scaling: bool = field(default=True, metadata={
+        "help": "divide the scale by the weight magnitude^(1 - alpha) too (lower KLD on the embedded model)"})
+    clip: bool = field(default=True, metadata={"help": "search each group's clipping range"})
+    clip_qk: bool = field(default=True, metadata={
+        "help": "clip q/k projections too (AutoAWQ skips them; measured lower KLD here)"})
+    clip_grid: int = field(default=20, metadata={"help": "clipping ratios tried per group"})
+    max_shrink: float = field(default=0.5, metadata={
+        "help": "smallest clipping range tried, as (1 - max_shrink) x the group's range"})
 
     def __post_init__(self) -> None:
         if self.n_grid < 1 or self.clip_grid < 1 or self.search_rows < 1 or not 0 <= self.max_shrink < 1:
@@ -48,7 +53,7 @@ def fake_quantize(weight: torch.Tensor, grid: Grid) -> torch.Tensor:
 @torch.no_grad()
 def _mean_abs_input(block: nn.Module, consumer: str, job: BlockJob) -> torch.Tensor:
     module = block.get_submodule(consumer)
-    total = torch.zeros(module.in_features, dtype=torch.float64, device=module.weight.device)
+    total = torch.zeros(module.weight.shape[1], dtype=torch.float64, device=module.weight.device)
     count = [0]
 
     def hook(_m, args):
@@ -156,7 +161,7 @@ def _fold(job: BlockJob, producer: str, consumers: list[str], s: torch.Tensor) -
 def _fold_applies(block: nn.Module, producer: str, consumers: list[str]) -> bool:
     """A linear producer must emit exactly the consumers' inputs (not so for v_proj -> o_proj with GQA)."""
     module = block.get_submodule(producer)
-    width = block.get_submodule(consumers[0]).in_features
+    width = block.get_submodule(consumers[0]).weight.shape[1]  # a linear's or a router's input width
     if isinstance(module, nn.Linear):
         return module.out_features == width
     return getattr(module, "weight", None) is not None and module.weight.shape == (width,)
@@ -190,8 +195,14 @@ class AWQ(Method):
     needs_statistics = True
     sequential = True
 
+    config_class = AWQConfig
+
     def __init__(self, config: AWQConfig | None = None):
         self.config = config or AWQConfig()
+
+    @classmethod
+    def from_recipe(cls, recipe) -> AWQ:
+        return cls(build_config(cls.name, AWQConfig, {}, recipe.parsed_method_options()))
 
     def quantize_weight(self, weight: torch.Tensor, grid: Grid, stats: object | None = None) -> QuantizedWeight:
         """Rounding on the grid after scaling; the scale search itself needs a block (quantize_block)."""
@@ -210,15 +221,21 @@ class AWQ(Method):
                  and _fold_applies(job.block, fold.producer, list(fold.consumers))]
         search = replace(job, inputs=job.inputs[: self.config.search_rows])
         calls = _capture_calls(search, sorted({fold.inspect for fold in folds}))
+        for fold in [f for f in folds if _expert_too_rare(job, f.inspect, calls[f.inspect])]:
+            folds.remove(fold)  # an expert too few tokens reach keeps its scale: nothing to measure it on
         for fold in folds:
             consumers = list(fold.consumers)
             quantized = [c for c in consumers if c in job.members]
             s = search_scale(search, consumers, quantized, fold.inspect, calls[fold.inspect], self.config)
             _fold(job, fold.producer, consumers, s)
-            if fold.producer not in job.members:  # a norm: its rescaled weight goes into the artifact
-                result.replaced[f"{fold.producer}.weight"] = job.block.get_submodule(fold.producer).weight.clone()
+            # a norm and unquantized consumers (a router): their rescaled weights go into the artifact
+            for name in [fold.producer, *consumers]:
+                if name not in job.members:
+                    result.replaced[f"{name}.weight"] = job.block.get_submodule(name).weight.clone()
         clipped = [name for name in job.members if self._clips(name, job.grid_of(name))]
         inputs = _capture_inputs(job, clipped) if clipped else {}
+        for name in [n for n in clipped if _expert_too_rare(job, n, inputs[n])]:
+            clipped.remove(name)  # its clip would fit a handful of tokens: it is rounded on the full range
         for name in job.members:
             module = job.block.get_submodule(name)
             weight = module.weight.detach().float()
@@ -232,6 +249,20 @@ class AWQ(Method):
             module.weight.copy_(qw.dequantize().to(module.weight.dtype))
             result.quantized[name] = qw
         return result
+
+
+def _expert_too_rare(job: BlockJob, name: str, seen: ModuleCalls | torch.Tensor) -> bool:
+    """Whether ``name`` is an expert's linear that saw fewer than MIN_EXPERT_TOKENS calibration tokens (then
+    listed in ``job.fallbacks``); ``seen`` holds its recorded calls or its captured input rows."""
+    expert = job.arch.expert_of(name)
+    if expert is None:
+        return False
+    tokens = seen.shape[0] if isinstance(seen, torch.Tensor) else sum(o.reshape(-1, o.shape[-1]).shape[0]
+                                                                       for _, _, o in seen)
+    if tokens >= MIN_EXPERT_TOKENS:
+        return False
+    job.fallbacks.add(expert)
+    return True
 
 
 @torch.no_grad()
@@ -253,4 +284,5 @@ def _capture_inputs(job: BlockJob, names: list[str]) -> dict[str, torch.Tensor]:
     finally:
         for handle in handles:
             handle.remove()
-    return {name: torch.cat(rows)[:CLIP_TOKENS] for name, rows in captured.items()}
+    return {name: torch.cat(rows)[:CLIP_TOKENS] if rows else torch.zeros(0, job.block.get_submodule(name).in_features)
+            for name, rows in captured.items()}

@@ -17,6 +17,9 @@ class Method(ABC):
     # Sequential methods learn from the inputs each layer sees once earlier layers are quantized,
     # so their statistics are gathered layer by layer, per grid (see quantkit.sequential).
     sequential: bool = False
+    # the method's typed config (its fields are the --method-option keys) and the fields set by own flags
+    config_class: type | None = None
+    flagged: dict[str, str] = {}
 
     @classmethod
     def from_recipe(cls, recipe) -> Method:

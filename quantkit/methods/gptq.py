@@ -15,7 +15,7 @@ and are recorded in ``g_idx``.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,7 @@ from quantkit.calibrate import LinearStats
 from quantkit.errors import QuantkitError
 from quantkit.grids import PER_TENSOR, Grid, QuantizedWeight, QuantParams
 from quantkit.methods.base import Method, grouped
+from quantkit.methods.options import build_config
 
 MAX_DAMP = 1.0  # retries multiply the damping by 10 up to this fraction of the mean diagonal
 
@@ -30,7 +31,8 @@ MAX_DAMP = 1.0  # retries multiply the damping by 10 up to this fraction of the 
 @dataclass(frozen=True)
 class GPTQConfig:
     damp_percent: float = 0.01  # damping added to the Hessian diagonal, as a fraction of its mean
-    block_size: int = 128  # columns updated eagerly before a lazy batch update of the rest
+    block_size: int = field(default=128, metadata={
+        "help": "columns updated eagerly before a lazy batch update of the rest (speed only)"})
     act_order: bool = False
     static_groups: bool = False
     # fit group parameters weighting each column's error by the Hessian diagonal (GGUF grids' weighted search)
@@ -172,11 +174,17 @@ class GPTQ(Method):
     def __init__(self, config: GPTQConfig | None = None):
         self.config = config or GPTQConfig()
 
+    config_class = GPTQConfig
+    # config fields the recipe sets from their own flags (--act-order sets two of them)
+    flagged = {"damp_percent": "--damp-percent", "act_order": "--act-order", "static_groups": "--static-groups",
+               "weighted_fit": "--weighted-fit"}
+
     @classmethod
     def from_recipe(cls, recipe) -> GPTQ:
-        return cls(GPTQConfig(damp_percent=recipe.damp_percent, act_order=recipe.act_order != "off",
-                              static_groups=recipe.act_order == "static" or recipe.static_groups,
-                              weighted_fit=recipe.weighted_fit))
+        flags = {"damp_percent": recipe.damp_percent, "act_order": recipe.act_order != "off",
+                 "static_groups": recipe.act_order == "static" or recipe.static_groups,
+                 "weighted_fit": recipe.weighted_fit}
+        return cls(build_config(cls.name, GPTQConfig, flags, recipe.parsed_method_options()))
 
     def quantize_weight(self, weight: torch.Tensor, grid: Grid, stats: object | None = None) -> QuantizedWeight:
         if not isinstance(stats, LinearStats):
