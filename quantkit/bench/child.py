@@ -111,7 +111,8 @@ def main(spec: dict) -> int:
     # "runner": where quantkit was imported from (a remote device's copied zip, or the local install)
     emit({"event": "load", "load_s": time.perf_counter() - start, "baseline_rss_mb": baseline,
           "load_rss_mb": rss_mb(), "load_peak_rss_mb": peak_rss_mb(), "vocab_size": runner.vocab_size,
-          "affinity": sorted(os.sched_getaffinity(0)), "runner": str(Path(__file__).parents[2])})
+          "accelerator": runner.device, "affinity": sorted(os.sched_getaffinity(0)),
+          "runner": str(Path(__file__).parents[2])})
     for workload in spec["workloads"]:
         samples = run_workload(runner, workload["prompt_tokens"], workload["gen_tokens"], spec["repetitions"],
                                spec["warmup"], spec.get("seed", 0))

@@ -181,7 +181,8 @@ def measurement(artifact: dict, options: BenchOptions, load: dict, result: dict,
     if counters and steps:
         metrics["runtime_decode_tok_s"] = stats.summarize(
             [c["decode_tokens"] / (c["decode_ms"] / 1e3) for c in counters]).to_dict()
-    return {"schema": SCHEMA, "type": "measurement", "device": device, "artifact": artifact,
+    return {"schema": SCHEMA, "type": "measurement", "device": device, "accelerator": load.get("accelerator", "cpu"),
+            "artifact": artifact,
             "workload": result["workload"], "threads": options.threads, "repetitions": options.repetitions,
             "warmup": options.warmup, "affinity": load["affinity"], "runner": load.get("runner"), "metrics": metrics,
             "samples": samples}

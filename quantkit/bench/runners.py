@@ -21,6 +21,7 @@ class RunnerError(Exception):
 class Runner:
     name = ""
     packages: tuple[str, ...] = ()
+    device = "cpu"  # where the model computes (quantkit's runtime moves to "cuda" when a GPU is present)
 
     def __init__(self, path: Path, threads: int, n_ctx: int):
         raise NotImplementedError
@@ -173,6 +174,7 @@ class TransformersRunner(Runner):
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(threads))
         torch.set_num_threads(threads)
         self._torch = torch
+        self.device = "cpu"
         try:
             self.model = self._load(path)
         except (ImportError, OSError, ValueError) as exc:
@@ -198,9 +200,10 @@ class TransformersRunner(Runner):
 
     def _run(self, ids: list[int]) -> int:
         with self._torch.no_grad():
-            out = self.model(input_ids=self._torch.tensor([ids]), past_key_values=self.cache, use_cache=True)
+            out = self.model(input_ids=self._torch.tensor([ids], device=self.device), past_key_values=self.cache,
+                             use_cache=True)
         self.cache = out.past_key_values
-        return int(out.logits[0, -1].argmax())
+        return int(out.logits[0, -1].argmax())  # .item() waits for the GPU: each step is timed whole
 
     def prefill(self, tokens: list[int]) -> int:
         return self._run(tokens)
@@ -272,8 +275,13 @@ class QuantkitRunner(TransformersRunner):
         from quantkit.errors import QuantkitError
         from quantkit.kernels.quant_linear import load_quantized_model
 
+        # on a GPU: fp16 activations through the Triton kernels, as a GPU deployment runs them (never run here:
+        # no GPU was lent to this project yet); on a CPU: fp32 through their torch reference
+        if self._torch.cuda.is_available():
+            self.device = "cuda"
+        dtype = self._torch.float16 if self.device == "cuda" else self._torch.float32
         try:
-            return load_quantized_model(path)
+            return load_quantized_model(path, dtype=dtype).to(self.device)
         except QuantkitError as exc:
             raise ValueError(str(exc)) from None
 
