@@ -33,6 +33,8 @@ targets:
   onnx[:fp32|fp16]  ONNX decoder with KV cache (optimum / onnxruntime-genai input and output names);
               quantized linears are com.microsoft MatMulNBits holding quantkit's integers (2/4/8 bit,
               group size a power of two >= 16, or -1). Checked in onnxruntime (pip install '.[onnx]').
+  onnx-genai[:fp32|fp16]  the same decoder as an onnxruntime-genai model folder (genai_config.json):
+              apps generate with og.Model / og.Generator. Checked in onnxruntime-genai itself.
   ort[:fp32|fp16]   the same decoder in ORT format for mobile / reduced builds, with its
               required_operators.config. Checked by loading model.ort in onnxruntime.
   executorch[:8da4w|8da8w]  ExecuTorch .pte lowered to XNNPACK: int4 group-wise (8da4w, --group-size a

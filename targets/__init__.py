@@ -9,10 +9,11 @@ from quantkit.targets.gguf import GGUFTarget
 from quantkit.targets.hf_awq import HFAWQTarget
 from quantkit.targets.hf_gptq import HFGPTQTarget
 from quantkit.targets.onnx import ONNXTarget
+from quantkit.targets.onnx_genai import OnnxGenaiTarget
 from quantkit.targets.ort import ORTTarget
 
 TARGETS: dict[str, type[Target]] = {t.kind: t for t in (GGUFTarget, HFGPTQTarget, HFAWQTarget, ONNXTarget, ORTTarget,
-                                                        ExecuTorchTarget)}
+                                                        OnnxGenaiTarget, ExecuTorchTarget)}
 
 
 def parse_target(spec: str) -> Target:

@@ -371,7 +371,7 @@ class GGUFTarget(Target):
                 tokens += len(theirs)
                 if ours != theirs:
                     mismatched += 1
-                    first = first or _first_difference(text, theirs, ours, tokenizer)
+                    first = first or first_difference(text, theirs, ours, tokenizer)
         finally:
             llm.close()
         result = {"texts": len(texts), "tokens": tokens, "mismatched_texts": mismatched, "match": mismatched == 0}
@@ -388,7 +388,7 @@ CONTEXT_TOKENS = 4  # tokens shown on either side of the first difference
 UBATCH = 128
 
 
-def _first_difference(text: str, hf: list[int], runtime: list[int], tokenizer) -> dict:
+def first_difference(text: str, hf: list[int], runtime: list[int], tokenizer) -> dict:
     """The first position where the two tokenizations part, with a few tokens either side, as strings."""
     at = next((i for i, (a, b) in enumerate(zip(hf, runtime, strict=False)) if a != b), min(len(hf), len(runtime)))
     lo = max(0, at - CONTEXT_TOKENS)

@@ -7,6 +7,7 @@ Adding a runtime is one class here plus a line in ``RUNNERS``; ``runtime_for`` p
 
 from __future__ import annotations
 
+import json
 import os
 from importlib import metadata
 from pathlib import Path
@@ -155,6 +156,49 @@ class OnnxRuntimeRunner(Runner):
         return self._run([token])
 
 
+class OnnxGenaiRunner(Runner):
+    """onnxruntime-genai over an onnx-genai folder: its own generator (KV cache, buffers) as an app drives it;
+    greedy tokens are read from its logits, so only the search step is quantkit's."""
+
+    name = "onnxruntime-genai"
+    packages = ("onnxruntime-genai", "onnxruntime")
+
+    def __init__(self, path: Path, threads: int, n_ctx: int):
+        try:
+            import onnxruntime_genai as og
+        except ImportError:
+            raise RunnerError("onnxruntime-genai is not installed; pip install 'quantkit[onnx]'") from None
+        folder = path.parent if path.is_file() else path
+        try:
+            config = og.Config(str(folder))
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+            self.model = og.Model(config)
+        except Exception as exc:  # onnxruntime-genai raises its own error types
+            raise RunnerError(f"onnxruntime-genai could not load {folder} ({str(exc).splitlines()[0]})") from None
+        self._og, self.n_ctx, self.generator = og, n_ctx, None
+        self._vocab = int(json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def reset(self) -> None:
+        self.generator = None
+
+    def _run(self, ids: list[int]) -> int:
+        self.generator.append_tokens(np.asarray([ids], np.int32))
+        return int(np.asarray(self.generator.get_logits())[0, -1].argmax())
+
+    def prefill(self, tokens: list[int]) -> int:
+        params = self._og.GeneratorParams(self.model)
+        params.set_search_options(max_length=self.n_ctx, batch_size=1)
+        self.generator = self._og.Generator(self.model, params)
+        return self._run(tokens)
+
+    def step(self, token: int) -> int:
+        return self._run([token])
+
+
 class TransformersRunner(Runner):
     """transformers on CPU over a Hugging Face folder — the unquantized model, or an hf-gptq / hf-awq checkpoint
     through the quantization backend transformers picks (gptqmodel) — with transformers' own KV cache. This
@@ -286,8 +330,8 @@ class QuantkitRunner(TransformersRunner):
             raise ValueError(str(exc)) from None
 
 
-RUNNERS: dict[str, type[Runner]] = {r.name: r for r in (LlamaCppRunner, OnnxRuntimeRunner, TransformersRunner,
-                                                        QuantkitRunner, ExecuTorchRunner)}
+RUNNERS: dict[str, type[Runner]] = {r.name: r for r in (LlamaCppRunner, OnnxRuntimeRunner, OnnxGenaiRunner,
+                                                        TransformersRunner, QuantkitRunner, ExecuTorchRunner)}
 
 
 def model_file(path: Path) -> Path:
@@ -301,6 +345,8 @@ def model_file(path: Path) -> Path:
 
 def runtime_for(path: Path) -> str:
     """The runtime that loads an artifact, from its file type."""
+    if path.is_dir() and (path / "genai_config.json").is_file():
+        return "onnxruntime-genai"
     suffix = model_file(path).suffix
     by_suffix = {".gguf": "llama.cpp", ".onnx": "onnxruntime", ".ort": "onnxruntime", ".pte": "executorch"}
     if suffix in by_suffix:
