@@ -6,6 +6,15 @@ Options (the option fixes the weight bits, as a GGUF type does; ``--bits`` is no
   of 32, or ``-1`` per channel) and int8 activations quantized per token at run time ("8da4w").
 * ``executorch:8da8w`` - int8 symmetric per-channel weights, int8 dynamic activations (XNNPACK has no
   8-bit group-wise weights, so ``--group-size`` is not read).
+* ``executorch:fp32`` - unquantized fp32 weights (the program's arithmetic against transformers' own).
+
+The artifact is a folder: ``model.pte`` and the tokenizer files, what ExecuTorch's LLM runner takes. For
+the families ``targets/executorch_llm.py`` expresses (Llama, Mistral, Qwen2, Qwen3) the program follows
+that runner's convention: ``forward(tokens, input_pos)`` with a static KV cache held in buffers the
+program mutates (a whole prompt in one call, then one token per call), and the constant methods the
+runner reads (``get_max_seq_len``, ``get_vocab_size``, ``get_bos_id``, ``get_eos_ids``, ``use_kv_cache``,
+...). Other families (Phi-3, Gemma) get transformers' module as one full-sequence forward of
+``--seq-len`` tokens, with no KV cache.
 
 The weights are quantkit's own codes and scales: each quantized linear becomes a module holding the
 int8 codes, whose forward is the dynamic-activation / dequantize-weight / linear pattern that
@@ -17,12 +26,6 @@ stored weights decode exactly as quantkit's; per-channel scales are stored in fp
 Not quantized: the token embedding is stored in 16 bits (the checkpoint's bf16/fp16, fp16 for fp32
 checkpoints) and looked up by ExecuTorch's portable kernel; an unquantized lm_head stays an fp32
 XNNPACK linear (``--quantize-lm-head`` makes it 8da4w/8da8w too); norms, rope and attention run in fp32.
-
-The program is one full-sequence forward of a fixed length (the recipe's ``--seq-len``) returning
-the logits of every position; there is no KV cache. Reason: the check scores every position of
-fixed-length rows, which one forward per row does exactly and fast; a KV-cache program (static cache
-as mutable buffers, prefill and one-token decode methods) is what an app generating text needs, and
-was not attempted in this change: it would be a second export path checked by token-by-token decoding.
 """
 
 from __future__ import annotations
@@ -42,8 +45,11 @@ from quantkit.grids import PER_CHANNEL, PER_TENSOR, IntGrid, QuantizedWeight
 from quantkit.quiet import silenced
 from quantkit.recipe import Recipe
 from quantkit.targets.base import ExportContext, Target
+from quantkit.targets.hf_checkpoint import copy_model_files
 
-WEIGHT_BITS = {"8da4w": 4, "8da8w": 8}
+WEIGHT_BITS = {"8da4w": 4, "8da8w": 8, "fp32": None}
+PROGRAM_FILE = "model.pte"
+DEFAULT_CONTEXT = 2048  # KV-cache slots of a program, unless the model's context or --seq-len says otherwise
 DEFAULT_OPTION = "8da4w"
 XNNPACK_GROUP_MULTIPLE = 32  # XNNPACK's blockwise int4 kernels take groups of 32k weights
 INSTALL_HINT = "pip install 'quantkit[executorch]'"
@@ -141,17 +147,17 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-def quantized_model(ctx: ExportContext, grid: IntGrid) -> nn.Module:
+def quantized_model(ctx: ExportContext, grid: IntGrid | None) -> nn.Module:
     """The checkpoint in torch with every quantized linear replaced by a module holding our codes;
-    other tensors as the method left them (AWQ rescales norms)."""
+    other tensors as the method left them (AWQ rescales norms). ``grid`` None: nothing quantized."""
     model = ctx.source.hf_model(torch.float32, ctx.progress)
-    quantized = set(ctx.quantized_names)
+    quantized = set(ctx.quantized_names) if grid is not None else set()
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name in ctx.source.tensors:
             if name not in quantized and name in params:
                 params[name].copy_(ctx.load(name, grid))
-    for name in ctx.quantized_names:
+    for name in sorted(quantized):
         linear = model.get_submodule(name.removesuffix(".weight"))
         replace_module(model, name, DynamicActivationQuantLinear(ctx.quantize(name, grid), linear.bias))
     embedding = ctx.source.arch.embedding
@@ -159,6 +165,57 @@ def quantized_model(ctx: ExportContext, grid: IntGrid) -> nn.Module:
     replace_module(model, embedding, StoredEmbedding(params[embedding], dtype))
     return LogitsOnly(model).eval()
 
+
+def context_length(ctx: ExportContext) -> int:
+    """KV-cache slots of the program: the model's context up to DEFAULT_CONTEXT, at least --seq-len."""
+    trained = int(ctx.source.config.get("max_position_embeddings") or DEFAULT_CONTEXT)
+    return max(ctx.recipe.seq_len, min(trained, DEFAULT_CONTEXT))
+
+
+def cached_model(ctx: ExportContext, grid: IntGrid | None, max_len: int) -> nn.Module:
+    """The KV-cache decoder (``executorch_llm.CachedDecoder``) holding quantkit's codes for the quantized
+    linears, fp32 weights for the rest, the embedding in 16 bits."""
+    from quantkit.targets.executorch_llm import build_decoder
+    from quantkit.targets.onnx import rotary_parameters
+
+    source, arch = ctx.source, ctx.source.arch
+    quantized = set(ctx.quantized_names) if grid is not None else set()
+    biased = {f"{arch.block(i)}{n}.weight" for i in range(source.n_layers) for n in arch.biased_linears}
+
+    def linear(name: str) -> nn.Module:
+        bias = ctx.load(name.removesuffix(".weight") + ".bias", grid) if name in biased else None
+        if name in quantized:
+            return DynamicActivationQuantLinear(ctx.quantize(name, grid), bias)
+        weight = ctx.load(name, grid).float()
+        module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            if bias is not None:
+                module.bias.copy_(bias)
+        return module.requires_grad_(False)
+
+    stored = ctx.load(arch.embedding, grid)
+    embedding = StoredEmbedding(stored, embedding_dtype(source.tensors[arch.embedding].dtype))
+    head_name = arch.lm_head if not source.tied_embeddings else arch.embedding
+    if arch.lm_head in quantized:
+        lm_head = DynamicActivationQuantLinear(ctx.quantize(arch.lm_head, grid), None)
+    else:
+        lm_head = nn.Linear(stored.shape[1], stored.shape[0], bias=False).requires_grad_(False)
+        with torch.no_grad():
+            lm_head.weight.copy_(ctx.load(head_name, grid).float())
+    return build_decoder(source, linear, lambda name: ctx.load(name, grid), embedding, lm_head,
+                         rotary_parameters(source), max_len)
+
+
+def runner_metadata(ctx: ExportContext, max_len: int) -> dict:
+    """The constant methods ExecuTorch's LLM runner reads from a program."""
+    config = ctx.source.config
+    eos = config.get("eos_token_id")
+    eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    bos = config.get("bos_token_id")
+    return {"get_max_seq_len": max_len, "get_max_context_len": max_len, "get_vocab_size": config["vocab_size"],
+            "get_bos_id": bos if bos is not None else -1, "get_eos_ids": eos_ids, "get_n_layers": ctx.source.n_layers,
+            "use_kv_cache": True, "use_sdpa_with_kv_cache": False, "enable_dynamic_shape": True}
 
 def replace_module(model: nn.Module, tensor_name: str, module: nn.Module) -> None:
     """Put ``module`` where the module owning ``tensor_name`` (e.g. ``model.layers.0.mlp.up_proj.weight``) is."""
@@ -209,6 +266,27 @@ def lower_to_xnnpack(model: nn.Module, seq_len: int):
     return edge.to_executorch(), delegation(edge.exported_program().graph_module)
 
 
+def lower_cached_to_xnnpack(model: nn.Module, max_len: int, metadata: dict):
+    """torch.export with a dynamic token count (1 .. max_len) -> XNNPACK partitions -> program with the runner's
+    constant methods; the cache buffers become program state the runtime keeps between calls."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    tokens = torch.export.Dim("tokens", min=1, max=max_len)
+    example = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    with torch.no_grad():
+        exported = torch.export.export(model, example, dynamic_shapes=({1: tokens}, None), strict=True)
+    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
+    return edge.to_executorch(), delegation(edge.exported_program().graph_module)
+
+
+def kv_cache_program(ctx: ExportContext) -> bool:
+    """Whether the family is one the KV-cache decoder expresses (else: the full-sequence program)."""
+    from quantkit.targets.executorch_llm import FEATURES
+
+    return ctx.source.arch.features <= FEATURES
+
+
 def executorch_version() -> str | None:
     try:
         return metadata.version("executorch")
@@ -226,14 +304,17 @@ class ExecuTorchTarget(Target):
         super().__init__(option)
         self.delegation: Delegation | None = None
         self._bpw: float | None = None
+        self.kv_cache = False
 
-    def grid(self, recipe: Recipe) -> XnnpackGrid:
+    def grid(self, recipe: Recipe) -> XnnpackGrid | None:
         bits = WEIGHT_BITS[self.option]
+        if bits is None:
+            return None
         group_size = recipe.group_size if bits == 4 else PER_CHANNEL
         return XnnpackGrid(bits=bits, group_size=group_size, symmetric=recipe.scheme == "sym")
 
     def filename(self) -> str:
-        return f"model-{self.option}.pte"
+        return f"executorch-{self.option}"
 
     def validate(self, ctx: ExportContext) -> None:
         if executorch_version() is None:
@@ -242,6 +323,10 @@ class ExecuTorchTarget(Target):
             raise QuantkitError(f"{self.name} cannot express {ctx.source.arch.name} models yet (mixture of experts: "
                                 "torch.export cannot trace data-dependent routing); use a gguf or hf-gptq target")
         grid = self.grid(ctx.recipe)
+        self.kv_cache = kv_cache_program(ctx)
+        if grid is None:
+            self._bpw = 32.0
+            return
         if not grid.symmetric:
             raise QuantkitError(f"{self.name} stores symmetric weights only (XNNPACK's int4/int8 weights have no "
                                 "zero point); use --scheme sym")
@@ -267,33 +352,55 @@ class ExecuTorchTarget(Target):
         return grid.bits + scale_bits / max(weights, 1)
 
     def bits_per_weight(self, recipe: Recipe) -> float:
-        return self._bpw if self._bpw is not None else self.grid(recipe).bits_per_weight()
+        if self._bpw is not None:
+            return self._bpw
+        grid = self.grid(recipe)
+        return 32.0 if grid is None else grid.bits_per_weight()
 
     def export(self, ctx: ExportContext, path: Path) -> None:
-        model = quantized_model(ctx, self.grid(ctx.recipe))
+        grid = self.grid(ctx.recipe)
+        path.mkdir()
         with silenced():
-            program, self.delegation = lower_to_xnnpack(model, ctx.recipe.seq_len)
+            if kv_cache_program(ctx):
+                max_len = context_length(ctx)
+                program, self.delegation = lower_cached_to_xnnpack(cached_model(ctx, grid, max_len), max_len,
+                                                                   runner_metadata(ctx, max_len))
+            else:
+                program, self.delegation = lower_to_xnnpack(quantized_model(ctx, grid), ctx.recipe.seq_len)
         if self.delegation.linears_delegated < self.delegation.linears_total:
             missing = self.delegation.linears_total - self.delegation.linears_delegated
             raise QuantkitError(f"XNNPACK did not take {missing} of {self.delegation.linears_total} linears of "
                                 f"{path.name}; they would run unquantized-kernel fallbacks: report this with the "
                                 "model, or --exclude them")
-        path.write_bytes(program.buffer)
+        (path / PROGRAM_FILE).write_bytes(program.buffer)
+        copy_model_files(ctx.source.path, path)
 
     def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:
+        """Each row in one call: a KV-cache program prefills it from position 0 (the cache slots of an
+        earlier row are overwritten or masked), a full-sequence program runs its fixed length."""
         method = load_forward(path)
+        kv_cache = has_kv_cache(method)
         expected = tuple(method.metadata.input_tensor_meta(0).sizes())
         for row in tqdm(ids, desc=f"executorch {path.name}", unit="seq", disable=not progress, leave=False):
+            tokens = row[None].to(torch.long).contiguous()
+            if kv_cache:
+                yield method.execute([tokens, torch.zeros(1, dtype=torch.long)])[0][0].float().numpy()
+                continue
             if (1, row.shape[0]) != expected:
                 raise QuantkitError(f"{path.name} was exported for {expected[1]} tokens per sequence, got "
                                     f"{row.shape[0]}; export again with --seq-len {row.shape[0]}")
-            yield method.execute([row[None].to(torch.long).contiguous()])[0][0].float().numpy()
+            yield method.execute([tokens])[0][0].float().numpy()
 
     def runtime(self) -> dict:
         return {"name": "ExecuTorch runtime (XNNPACK delegate)", "version": {"executorch": executorch_version()}}
 
     def notes(self) -> list[str]:
-        lines = ["full-sequence forward of --seq-len tokens, no KV cache; activations int8 per token at run time"]
+        if self.kv_cache:
+            lines = ["forward(tokens, input_pos) with a static KV cache (ExecuTorch's LLM runner convention)"]
+        else:
+            lines = ["full-sequence forward of --seq-len tokens, no KV cache (this family has no KV-cache program)"]
+        if self.option != "fp32":
+            lines.append("activations int8 per token at run time")
         if self.option == "8da8w":
             lines.append("8da8w: weights per channel (XNNPACK has no 8-bit groups); --group-size not used")
         if self.delegation:
@@ -303,8 +410,15 @@ class ExecuTorchTarget(Target):
         return lines
 
 
+def has_kv_cache(method) -> bool:
+    """A KV-cache program takes (tokens, input_pos); a full-sequence one tokens only."""
+    return method.metadata.num_inputs() == 2
+
+
 def load_forward(path: Path):
-    """The program's ``forward`` method, loaded by the ExecuTorch runtime."""
+    """The ``forward`` method of the program (``path``: the artifact folder or its model.pte), loaded by the
+    ExecuTorch runtime."""
+    path = path / PROGRAM_FILE if path.is_dir() else path
     try:
         from executorch.runtime import Runtime
     except ImportError:
@@ -313,6 +427,9 @@ def load_forward(path: Path):
         program = Runtime.get().load_program(path)
         method = program.load_method("forward")
         # a first run initialises the XNNPACK delegate, which probes too
-        sizes = tuple(method.metadata.input_tensor_meta(0).sizes())
-        method.execute([torch.zeros(sizes, dtype=torch.long)])
+        if has_kv_cache(method):
+            method.execute([torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)])
+        else:
+            sizes = tuple(method.metadata.input_tensor_meta(0).sizes())
+            method.execute([torch.zeros(sizes, dtype=torch.long)])
     return method

@@ -77,7 +77,8 @@ def test_bench_writes_environment_and_one_measurement_per_artifact_and_workload(
     environment, *measurements = records
     assert environment["type"] == "environment" and environment["schema"] == "quantkit.bench/1"
     assert {"cpu", "cores", "memory_gb", "os", "runtimes", "quantkit", "artifacts"} <= environment.keys()
-    assert set(environment["runtimes"]) == {"llama.cpp", "onnxruntime", "transformers", "quantkit", "executorch"}
+    assert set(environment["runtimes"]) == {"llama.cpp", "onnxruntime", "onnxruntime-genai", "transformers",
+                                            "quantkit", "executorch"}
     assert sorted((m["artifact"]["runtime"], m["workload"]["prompt_tokens"]) for m in measurements) == [
         ("llama.cpp", 16), ("llama.cpp", 32), ("onnxruntime", 16), ("onnxruntime", 32), ("transformers", 16),
         ("transformers", 32)]
@@ -308,17 +309,41 @@ def test_the_childs_memory_is_its_own_not_its_parents(shipped):
     del ballast
 
 
-def test_executorch_program_decodes_by_rerunning_the_whole_sequence(tmp_path):
-    """Today's .pte has no KV cache: each decode step re-runs the fixed-length program. The runner's greedy
-    tokens must equal those read from the full-sequence logits the runtime returns for the final sequence
-    (a padding or position error would pick other tokens)."""
+def test_executorch_kv_program_decodes_transformers_greedy_tokens(tmp_path):
+    """A KV-cache program (prefill, then one token per call at its position) against transformers' greedy
+    decoding of the same fp32 weights: a cache slot or position error would pick other tokens."""
+    import torch
+
+    from quantkit.bench.runners import ExecuTorchRunner
+    from quantkit.model import ModelSource
+
+    out = tmp_path / "pte"
+    assert main(["ship", "--targets", "executorch:fp32", "--out", str(out), "--no-verify", "--quiet"]) == 0
+    runner = ExecuTorchRunner(out / "executorch-fp32", threads=1, n_ctx=40)
+    assert runner.kv_cache
+    prompt = list(range(40, 56))
+    token, generated = runner.prefill(prompt), []
+    for _ in range(16):
+        generated.append(token)
+        token = runner.step(token)
+    with torch.no_grad():
+        expected = ModelSource(None).hf_model().generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16,
+                                                         do_sample=False)[0, len(prompt):].tolist()
+    assert generated == expected
+
+
+def test_executorch_full_sequence_program_decodes_by_rerunning_the_whole_sequence(tiny_models, tmp_path):
+    """A family without a KV-cache program (Phi-3) gets a full-sequence .pte: each decode step re-runs the
+    fixed-length program. The runner's greedy tokens must equal those read from the full-sequence logits the
+    runtime returns for the final sequence (a padding or position error would pick other tokens)."""
     from quantkit.bench.runners import ExecuTorchRunner
 
     out = tmp_path / "pte"
-    assert main(["ship", "--targets", "executorch:8da8w", "--seq-len", "48", "--eval-samples", "1",
-                 "--calib-samples", "1", "--out", str(out), "--no-verify", "--quiet"]) == 0
-    pte = next(out.glob("*.pte"))
+    assert main(["ship", str(tiny_models["phi3"]), "--targets", "executorch:8da8w", "--seq-len", "48",
+                 "--out", str(out), "--no-verify", "--quiet"]) == 0
+    pte = out / "executorch-8da8w"
     runner = ExecuTorchRunner(pte, threads=1, n_ctx=33)
+    assert not runner.kv_cache
     prompt = list(range(40, 56))
     token, generated = runner.prefill(prompt), []
     for _ in range(16):

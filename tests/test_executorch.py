@@ -99,7 +99,8 @@ def test_ship_scores_the_program_in_the_executorch_runtime(tmp_path):
     result = quantkit.ship(targets=["executorch"], out=tmp_path / "o", eval_samples=2, seq_len=128, progress=False,
                            verbose=False)
     art = result.artifacts[0]
-    assert art.path == "model-8da4w.pte" and (result.out_dir / art.path).stat().st_size == art.bytes
+    folder = result.out_dir / art.path
+    assert art.path == "executorch-8da4w" and (folder / "model.pte").is_file() and (folder / "tokenizer.json").is_file()
     assert art.runtime["name"].startswith("ExecuTorch runtime") and art.runtime["version"]["executorch"]
     assert art.bits_per_weight == pytest.approx(4 + 16 / 128)  # int4 codes + one bf16 scale per 128 weights
     metrics = art.metrics
@@ -107,6 +108,55 @@ def test_ship_scores_the_program_in_the_executorch_runtime(tmp_path):
     assert art.verdict == "accepted", art.failures
     assert result.manifest["artifacts"][0]["metrics"]["perplexity"] == metrics["perplexity"]
     assert any("29/29 linears" in note for note in art.notes), art.notes
+    assert any("static KV cache" in note for note in art.notes), art.notes
+
+
+@pytest.fixture(scope="module")
+def fp32_program(tmp_path_factory):
+    out = tmp_path_factory.mktemp("et") / "o"
+    result = quantkit.ship(targets=["executorch:fp32"], out=out, eval_samples=2, seq_len=128, progress=False)
+    return result
+
+
+def test_fp32_program_computes_transformers_logits(fp32_program):
+    art = fp32_program.artifacts[0]
+    # same fp32 weights, the embedding rounded to its stored 16 bits: distributions agree to ~1e-6 nats
+    assert art.bits_per_weight == 32 and art.metrics["kld"] < 1e-4 and art.metrics["top1"] > 0.99, art.metrics
+
+
+def test_stock_llm_runner_generates_transformers_greedy_text(fp32_program):
+    """ExecuTorch's own LLM runner (TextLLMRunner: its tokenizer reading tokenizer.json, its prefill and decode
+    loop over the program's constant methods and KV cache) generates the text transformers generates."""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    folder = fp32_program.out_dir / fp32_program.artifacts[0].path
+    prompt = "def fibonacci(n):\n    "
+    pieces: list[str] = []
+    runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"))
+    runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=32, temperature=0.0),
+                    token_callback=pieces.append)
+    source = ModelSource(None)
+    tokenizer = source.tokenizer()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = source.hf_model().generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    expected = tokenizer.decode(out[0, ids.shape[1]:])
+    generated = "".join(pieces)
+    assert len(generated) > 20 and expected.startswith(generated), (generated, expected)
+
+
+def test_kv_program_decodes_step_by_step_as_it_prefills(fp32_program):
+    """Prefill 20 tokens then 12 single-token calls at their positions: the same logits as one prefill of all
+    32 (the cache holds what a whole-sequence pass computes)."""
+    from quantkit.targets.executorch import load_forward
+
+    method = load_forward(fp32_program.out_dir / fp32_program.artifacts[0].path)
+    ids = torch.randint(1, 4096, (1, 32), generator=torch.Generator().manual_seed(3))
+    whole = method.execute([ids, torch.tensor([0])])[0][0]
+    parts = [method.execute([ids[:, :20].contiguous(), torch.tensor([0])])[0][0]]
+    parts += [method.execute([ids[:, i:i + 1].contiguous(), torch.tensor([i])])[0][0] for i in range(20, 32)]
+    # fp32 both ways; XNNPACK's matmul blocking differs between 1 and 20 rows (measured max 2e-5)
+    assert (torch.cat(parts) - whole).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("options, message", [

@@ -257,9 +257,10 @@ class TransformersRunner(Runner):
 
 
 class ExecuTorchRunner(Runner):
-    """The ExecuTorch runtime over today's ``.pte``: one fixed-length, whole-sequence forward with no KV cache,
-    so every decode step re-runs the program over the whole sequence so far (padded to its length; causal
-    attention keeps the padding out of the positions read). This is the baseline a KV-cache program beats."""
+    """The ExecuTorch runtime over a ``.pte``. A KV-cache program (``forward(tokens, input_pos)``) prefills the
+    prompt in one call and then runs one token per call. A full-sequence program (families without a KV-cache
+    program) has no cache, so every decode step re-runs the program over the whole sequence so far (padded to
+    its fixed length; causal attention keeps the padding out of the positions read)."""
 
     name = "executorch"
     packages = ("executorch",)
@@ -270,7 +271,7 @@ class ExecuTorchRunner(Runner):
             import torch
         except ImportError:
             raise RunnerError("the ExecuTorch runtime is not installed; pip install 'quantkit[executorch]'") from None
-        from quantkit.targets.executorch import load_forward
+        from quantkit.targets.executorch import has_kv_cache, load_forward
 
         torch.set_num_threads(threads)
         self._torch = torch
@@ -278,10 +279,12 @@ class ExecuTorchRunner(Runner):
             self.method = load_forward(path)  # the same loading (and delegate warm-up) as the accuracy check
         except Exception as exc:  # the runtime raises its own error types for unreadable programs
             raise RunnerError(f"the ExecuTorch runtime could not load {path} ({str(exc).splitlines()[0]})") from None
-        self.length = int(tuple(self.method.metadata.input_tensor_meta(0).sizes())[-1])
-        if n_ctx - 1 > self.length:
-            raise RunnerError(f"{path.name} runs sequences of exactly {self.length} tokens (no KV cache); "
-                              f"--prompt-tokens plus --gen-tokens must stay within it")
+        self.kv_cache = has_kv_cache(self.method)
+        if not self.kv_cache:
+            self.length = int(tuple(self.method.metadata.input_tensor_meta(0).sizes())[-1])
+            if n_ctx - 1 > self.length:
+                raise RunnerError(f"{path.name} runs sequences of exactly {self.length} tokens (no KV cache); "
+                                  f"--prompt-tokens plus --gen-tokens must stay within it")
         self.tokens: list[int] = []
         self._vocab = None
 
@@ -289,23 +292,31 @@ class ExecuTorchRunner(Runner):
     def vocab_size(self) -> int:
         if self._vocab is None:
             self._vocab = int(self._forward([0]).shape[-1])
+            self.tokens = []
         return self._vocab
 
     def _forward(self, tokens: list[int]):
-        ids = self._torch.zeros((1, self.length), dtype=self._torch.long)
-        ids[0, : len(tokens)] = self._torch.tensor(tokens)
-        return self.method.execute([ids])[0][0, len(tokens) - 1]
+        """Logits after ``tokens``, which extend ``self.tokens`` (a KV-cache program computes only them)."""
+        torch = self._torch
+        if self.kv_cache:
+            start = len(self.tokens)
+            self.tokens += tokens
+            ids = torch.tensor([tokens], dtype=torch.long)
+            return self.method.execute([ids, torch.tensor([start], dtype=torch.long)])[0][0, -1]
+        self.tokens += tokens
+        ids = torch.zeros((1, self.length), dtype=torch.long)
+        ids[0, : len(self.tokens)] = torch.tensor(self.tokens)
+        return self.method.execute([ids])[0][0, len(self.tokens) - 1]
 
     def reset(self) -> None:
         self.tokens = []
 
     def prefill(self, tokens: list[int]) -> int:
-        self.tokens = list(tokens)
-        return int(self._forward(self.tokens).argmax())
+        self.tokens = []
+        return int(self._forward(list(tokens)).argmax())
 
     def step(self, token: int) -> int:
-        self.tokens.append(token)
-        return int(self._forward(self.tokens).argmax())
+        return int(self._forward([token]).argmax())
 
 
 class QuantkitRunner(TransformersRunner):
@@ -337,7 +348,7 @@ RUNNERS: dict[str, type[Runner]] = {r.name: r for r in (LlamaCppRunner, OnnxRunt
 def model_file(path: Path) -> Path:
     """The file a runtime opens for an artifact path (a folder artifact holds one model file)."""
     if path.is_dir():
-        for candidate in ("model.onnx", "model.ort"):
+        for candidate in ("model.onnx", "model.ort", "model.pte"):
             if (path / candidate).is_file():
                 return path / candidate
     return path
@@ -353,7 +364,7 @@ def runtime_for(path: Path) -> str:
         return by_suffix[suffix]
     if path.is_dir() and (path / "config.json").is_file():
         return "transformers"  # an hf-gptq / hf-awq checkpoint, or the unquantized model folder
-    raise RunnerError(f"no runtime loads {path}: expected a .gguf file, an ONNX/ORT artifact folder, a .pte "
+    raise RunnerError(f"no runtime loads {path}: expected a .gguf file, an ONNX/ORT or ExecuTorch folder, a .pte "
                       "program, a Hugging Face folder, a manifest.json or a quantkit output folder")
 
 
