@@ -37,10 +37,11 @@ targets:
               apps generate with og.Model / og.Generator. Checked in onnxruntime-genai itself.
   ort[:fp32|fp16]   the same decoder in ORT format for mobile / reduced builds, with its
               required_operators.config. Checked by loading model.ort in onnxruntime.
-  executorch[:8da4w|8da8w]  ExecuTorch .pte lowered to XNNPACK: int4 group-wise (8da4w, --group-size a
-              multiple of 32 or -1) or int8 per-channel (8da8w) symmetric weights, int8 dynamic
-              activations; one full-sequence forward (no KV cache). Checked in the ExecuTorch runtime
-              (pip install '.[executorch]').
+  executorch[:8da4w|8da8w|fp32]  ExecuTorch folder (model.pte + tokenizer) lowered to XNNPACK: int4
+              group-wise (8da4w, --group-size a multiple of 32 or -1), int8 per-channel (8da8w) or fp32
+              weights, int8 dynamic activations; forward(tokens, input_pos) with a static KV cache as
+              ExecuTorch's LLM runner expects (Llama, Mistral, Qwen2, Qwen3; other families: one
+              full-sequence forward). Checked in the ExecuTorch runtime (pip install '.[executorch]').
 
 exit codes: 0 all artifacts accepted (or exported, with --no-verify), 1 an artifact was rejected (its gate
 or its tokenizer), 2 bad input, 3 an internal or runtime failure (details in the log file it names).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from quantkit.errors import QuantkitError
 from quantkit.targets.base import ExportContext, Target
+from quantkit.targets.ct import CompressedTensorsTarget
 from quantkit.targets.executorch import ExecuTorchTarget
 from quantkit.targets.gguf import GGUFTarget
 from quantkit.targets.hf_awq import HFAWQTarget
@@ -13,7 +14,8 @@ from quantkit.targets.onnx_genai import OnnxGenaiTarget
 from quantkit.targets.ort import ORTTarget
 
 TARGETS: dict[str, type[Target]] = {t.kind: t for t in (GGUFTarget, HFGPTQTarget, HFAWQTarget, ONNXTarget, ORTTarget,
-                                                        OnnxGenaiTarget, ExecuTorchTarget)}
+                                                        OnnxGenaiTarget, ExecuTorchTarget,
+                                                        CompressedTensorsTarget)}
 
 
 def parse_target(spec: str) -> Target:

@@ -184,7 +184,7 @@ class GGUFTarget(Target):
         n_kv = source.config.get("num_key_value_heads") or n_head
         facts = ModelFacts(source.n_layers, n_head // n_kv, source.tied_embeddings,
                            source.arch.is_70b(source.n_layers, source.config),
-                           imatrix=getattr(recipe, "imatrix", "none") not in (None, "none"),
+                           imatrix=recipe.imatrix not in (None, "none"),
                            n_expert=source.arch.experts.count(source.config) if source.arch.experts else 0)
         embd, out = recipe.token_embedding_type, recipe.output_tensor_type
         return TypeChooser(self.file_type, facts, recipe.pure, [parse_override(s) for s in recipe.tensor_types],

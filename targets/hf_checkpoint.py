@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from quantkit.errors import QuantkitError
-from quantkit.grids import Grid, IntGrid, QuantizedWeight
+from quantkit.grids import Grid, QuantizedWeight
 from quantkit.quiet import silenced
 from quantkit.recipe import Recipe
 from quantkit.targets.base import ExportContext, Target
@@ -77,10 +77,10 @@ class ShardWriter:
         (self.path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_quantized_checkpoint(ctx: ExportContext, path: Path, grid: IntGrid,
+def write_quantized_checkpoint(ctx: ExportContext, path: Path, grid: Grid,
                                pack: Callable[[QuantizedWeight], dict[str, torch.Tensor]],
-                               quantization_config: dict) -> None:
-    """An HF folder: quantized linears packed by ``pack``, every other tensor in fp16 (as the
+                               quantization_config: dict, dtype: torch.dtype = torch.float16) -> None:
+    """An HF folder: quantized linears packed by ``pack``, every other tensor in ``dtype`` (as the
     method left it: AWQ rescales norms), config with ``quantization_config``, tokenizer copied."""
     source = ctx.source
     quantized = set(ctx.quantized_names)
@@ -94,11 +94,11 @@ def write_quantized_checkpoint(ctx: ExportContext, path: Path, grid: IntGrid,
             for key, value in pack(ctx.quantize(name, grid)).items():
                 writer.add(f"{prefix}.{key}", value)
         else:
-            writer.add(rename(name), ctx.load(name, grid).to(torch.float16))
+            writer.add(rename(name), ctx.load(name, grid).to(dtype))
     writer.close()
     config = dict(source.config)
     config.pop("torch_dtype", None)
-    config["dtype"] = "float16"
+    config["dtype"] = str(dtype).removeprefix("torch.")
     config["quantization_config"] = quantization_config
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_model_files(source.path, path)

@@ -1,0 +1,42 @@
+"""The same inputs give the same bytes: two ship processes with different hash seeds write byte-identical
+artifacts (GPTQ's layer-by-layer pass included) and manifests equal apart from times and paths."""
+
+import json
+import os
+import subprocess
+import sys
+
+TIMES = ("created", "seconds")
+
+
+def ship(out, seed: str) -> dict:
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    command = [sys.executable, "-m", "quantkit.cli", "ship", "--method", "gptq", "--targets",
+               "gguf:Q4_K_M,hf-gptq,onnx", "--calib-samples", "4", "--seq-len", "128", "--no-verify",
+               "--out", str(out), "--quiet"]
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    return json.loads((out / "manifest.json").read_text())
+
+
+def without_times(value):
+    if isinstance(value, dict):
+        return {k: without_times(v) for k, v in value.items() if k not in TIMES}
+    if isinstance(value, list):
+        return [without_times(v) for v in value]
+    return value
+
+
+def test_two_processes_with_different_hash_seeds_write_the_same_bytes(tmp_path):
+    first, second = ship(tmp_path / "a", "1"), ship(tmp_path / "b", "2")
+    hashes = [{a["path"]: a["sha256"] for a in m["artifacts"]} for m in (first, second)]
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 3
+    for manifest in (first, second):
+        manifest.pop("out", None)
+    assert without_times(first) == without_times(second)
+    # the manifest's hashes are the files' own
+    import hashlib
+
+    for path, digest in hashes[0].items():
+        target = tmp_path / "a" / path
+        if target.is_file():
+            assert hashlib.sha256(target.read_bytes()).hexdigest() == digest
