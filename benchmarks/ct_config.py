@@ -45,7 +45,7 @@ def flatten(value, prefix: str = "") -> dict:
 def tensors(folder: Path) -> dict[str, str]:
     with safe_open(folder / "model.safetensors", "pt") as f:
         return {k.removeprefix(LINEAR + "."): f"{f.get_slice(k).get_dtype()}{f.get_slice(k).get_shape()}"
-                for k in f.keys() if k.startswith(LINEAR + ".")}
+                for k in f.keys() if k.startswith(LINEAR + ".")}  # noqa: SIM118 - safe_open has no __iter__
 
 
 def main() -> None:

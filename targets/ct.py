@@ -189,7 +189,12 @@ class CompressedTensorsTarget(HFCheckpointTarget):
         return {"name": "transformers + compressed-tensors (decompressed on CPU)", "version": versions}
 
     def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:
-        return hf_logits(path, ids, progress)
+        """transformers with compressed-tensors decompressing every weight at load (``run_compressed=False``):
+        its compressed CPU modules register zero points unpacked and refuse the packed ones an asymmetric
+        ``pack-quantized`` folder stores (seen with compressed-tensors 0.20, transformers 5.24)."""
+        from transformers import CompressedTensorsConfig
+
+        return hf_logits(path, ids, progress, quantization_config=CompressedTensorsConfig(run_compressed=False))
 
     def notes(self) -> list[str]:
         if self.option in ("w8a8", "fp8"):

@@ -110,8 +110,9 @@ def copy_model_files(source_dir: Path, dest: Path) -> None:
             shutil.copy(source_dir / name, dest / name)
 
 
-def hf_logits(path: Path, ids: torch.Tensor, progress: bool) -> Iterator[np.ndarray]:
-    """Logits from the checkpoint folder loaded by transformers with its own quantization backend."""
+def hf_logits(path: Path, ids: torch.Tensor, progress: bool, **load_options) -> Iterator[np.ndarray]:
+    """Logits from the checkpoint folder loaded by transformers with its own quantization backend
+    (``load_options`` go to ``from_pretrained``)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -121,7 +122,7 @@ def hf_logits(path: Path, ids: torch.Tensor, progress: bool) -> Iterator[np.ndar
         # gptqmodel prints banners and logs on stdout; keep stdout clean for --json (and quiet runs silent)
         with contextlib.redirect_stdout(sys.stderr), silenced(), fused_experts_split(path):
             # fp32 activations: what a CPU deployment runs; the packed weights are decoded by the backend
-            model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32, **load_options)
     except ImportError as exc:
         raise QuantkitError(f"transformers cannot load {path.name} ({exc}); pip install 'quantkit[hf]'") from None
     model.eval()

@@ -28,9 +28,10 @@ def shipped(tmp_path_factory):
 
 def decompressed(folder, name: str) -> torch.Tensor:
     """The weight as transformers + compressed-tensors decompress it (its own unpacking and scaling)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(run_compressed=False))
     return model.get_parameter(name).detach().float()
 
 

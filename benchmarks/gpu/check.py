@@ -49,9 +49,8 @@ def kernel_correctness(device: str, small: bool) -> list[dict]:
     import torch
 
     from quantkit.grids import IntGrid
-    from quantkit.kernels import reference
+    from quantkit.kernels import reference, w8a8
     from quantkit.kernels import w4a16 as tk
-    from quantkit.kernels import w8a8
     from quantkit.kernels.quantize import quantize_groupwise
     from quantkit.methods import RoundToNearest
     from quantkit.packing import pack_along_columns, pack_along_rows
@@ -64,7 +63,8 @@ def kernel_correctness(device: str, small: bool) -> list[dict]:
         codes = torch.randint(0, 2**bits, (k, n), generator=gen, dtype=torch.int32)
         zeros = torch.randint(0, 2**bits, (k // GROUP, n), generator=gen, dtype=torch.int32)
         scales = (torch.rand(k // GROUP, n, generator=gen) * 0.02).to(torch.float16)
-        g_idx = torch.randperm(k, generator=gen).to(torch.int32) // GROUP if act_order else None
+        order = torch.randperm(k, generator=gen) if act_order else torch.arange(k)
+        g_idx = (order // GROUP).to(torch.int32) if layout == "gptq" else None
         if layout == "gptq":
             qweight, qzeros = pack_along_rows(codes, bits), pack_along_columns(zeros, bits)
         else:
@@ -102,9 +102,8 @@ def throughput(device: str, small: bool) -> list[dict]:
     """W4A16 (Triton) and W8A8 (Triton) against torch fp16 and torch's int4 weight-only kernel."""
     import torch
 
-    from quantkit.kernels import reference
+    from quantkit.kernels import reference, w8a8
     from quantkit.kernels import w4a16 as tk
-    from quantkit.kernels import w8a8
 
     bench = timer(device)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
@@ -116,18 +115,20 @@ def throughput(device: str, small: bool) -> list[dict]:
         qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).to(device)
         qzeros = torch.randint(-(2**31), 2**31 - 1, (k // GROUP, n // 8), generator=gen, dtype=torch.int32).to(device)
         scales = (torch.rand(k // GROUP, n, generator=gen) * 0.01).to(device, dtype)
-        w16 = reference.dequantize(qweight, qzeros, scales, None, "gptq", GROUP, dtype)
+        g_idx = (torch.arange(k) // GROUP).to(torch.int32).to(device)
+        w16 = reference.dequantize(qweight, qzeros, scales, g_idx, "gptq", GROUP, dtype)
         wq = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(device)
         ws = (torch.rand(n, generator=gen) * 0.01).to(device)
         int4 = _torch_int4(w16, device)
         for m in ([1, 4] if small else BATCHES):
             x = torch.randn(m, k, generator=gen).to(device, dtype)
             xq, xs = w8a8.quantize_per_token(x)
+            weights = (qweight, qzeros, scales, g_idx)
             row = {"K": k, "N": n, "M": m,
-                   "w4a16_ms": bench(lambda x=x: tk.w4a16_matmul(x, qweight, qzeros, scales, None, "gptq", GROUP)),
-                   "fp16_ms": bench(lambda x=x: x @ w16.T),
-                   "w8a8_ms": bench(lambda xq=xq, xs=xs: w8a8.w8a8_matmul(xq, xs, wq, ws)),
-                   "torch_int4_ms": bench(lambda x=x: int4(x)) if int4 else None}
+                   "w4a16_ms": bench(lambda x=x, w=weights: tk.w4a16_matmul(x, *w, "gptq", GROUP)),
+                   "fp16_ms": bench(lambda x=x, w16=w16: x @ w16.T),
+                   "w8a8_ms": bench(lambda xq=xq, xs=xs, wq=wq, ws=ws: w8a8.w8a8_matmul(xq, xs, wq, ws)),
+                   "torch_int4_ms": bench(lambda x=x, f=int4: f(x)) if int4 else None}
             w4_bytes = k * n // 2 + (k // GROUP) * n * 2.5 + 2 * m * (k + n)
             row["w4a16_gbs"] = w4_bytes / row["w4a16_ms"] / 1e6
             row["w4a16_hbm_share"] = row["w4a16_gbs"] / hbm if hbm else None
@@ -207,7 +208,8 @@ def to_markdown(report: dict) -> str:
     lines += ["## Kernels against their torch references", "", "| kernel | error | ok |", "|---|---|---|"]
     lines += [f"| {r['kernel']} | {r['rel_error']:.2e} | {r['ok']} |" for r in report["correctness"]]
     lines += ["", "## Throughput (median ms)", "",
-              "| K x N | M | W4A16 | fp16 | torch int4 | W8A8 | W4A16 GB/s | of HBM |", "|---|---|---|---|---|---|---|---|"]
+              "| K x N | M | W4A16 | fp16 | torch int4 | W8A8 | W4A16 GB/s | of HBM |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in report["throughput"]:
         int4 = f"{r['torch_int4_ms']:.4f}" if r["torch_int4_ms"] else "n/a"
         share = f"{100 * r['w4a16_hbm_share']:.0f} %" if r["w4a16_hbm_share"] else "n/a"
