@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
+from typing import TextIO
 
 from quantkit.pipeline import DEFAULT_TARGETS, ShipResult
 from quantkit.pipeline import ship as _ship
@@ -31,13 +32,15 @@ def ship(
     progress: bool = False,
     verbose: bool = False,
     third_party_output: bool = False,
+    events: TextIO | None = None,
     **recipe: object,
 ) -> ShipResult:
     """Run the ship pipeline. ``recipe`` takes the fields of :class:`quantkit.Recipe`
     (method, bits, group_size, scheme, calib, eval, eval_samples, seq_len, max_kld, verify, ...).
-    ``verbose`` prints our step messages; ``third_party_output`` lets the libraries quantkit drives print theirs."""
+    ``verbose`` prints our step messages; ``third_party_output`` lets the libraries quantkit drives print theirs;
+    ``events`` (a text stream) receives JSON Lines progress events."""
     unknown = set(recipe) - RECIPE_FIELDS
     if unknown:
         raise TypeError(f"unknown recipe options {sorted(unknown)}; valid: {sorted(RECIPE_FIELDS)}")
     return _ship(model, targets, out, Recipe(**recipe), overwrite=overwrite, progress=progress, verbose=verbose,
-                 third_party_output=third_party_output)
+                 third_party_output=third_party_output, events=events)

@@ -8,6 +8,7 @@ OUT/rejected/); 2 bad input (one line on stderr naming the problem and the fix; 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -146,6 +147,9 @@ def _add_ship(sub) -> None:
                    "tokenizer.json (otherwise rejected; the manifest records the override and the differences)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print manifest.json on stdout (the table goes to stderr)")
+    o.add_argument("--events", metavar="FILE", default=None,
+                   help="write JSON Lines progress events (schema quantkit.events/1: start, stage, block, artifact "
+                   "with its verdict, done or failed) to FILE, or to stdout with '-' (not with --json)")
     o.add_argument("--quiet", action="store_true", help="no progress bars or step messages")
     o.add_argument("--verbose", action="store_true",
                    help="let third-party libraries print their warnings and logs (hidden by default)")
@@ -277,6 +281,24 @@ def _method_options_help() -> str:
     return "\nmethod options (--method-option KEY=VALUE):\n" + "\n".join(f"  {line}" for line in lines) + "\n"
 
 
+@contextlib.contextmanager
+def _events_stream(target: str | None):
+    """--events: nothing, stdout ('-'), or a file opened for the run (line-buffered JSON Lines)."""
+    if target is None:
+        yield None
+    elif target == "-":
+        yield sys.stdout
+    else:
+        try:
+            stream = open(target, "w", encoding="utf-8")  # noqa: SIM115 - closed below, after the run
+        except OSError as exc:
+            raise QuantkitError(f"--events {target}: cannot write it ({exc.strerror}); pick a writable path") from None
+        try:
+            yield stream
+        finally:
+            stream.close()
+
+
 def _run_ship(args) -> int:
     from quantkit.pipeline import ship
     from quantkit.recipe import Recipe
@@ -294,9 +316,12 @@ def _run_ship(args) -> int:
         eval_samples=args.eval_samples, seq_len=args.seq_len, max_ppl_increase_pct=args.max_ppl_increase,
         max_kld=args.max_kld, min_top1=args.min_top1,
     )
-    result = ship(args.model, args.targets, args.out, recipe, overwrite=args.overwrite,
-                  progress=not args.quiet, verbose=not args.quiet, third_party_output=args.verbose)
-    table_stream = sys.stderr if args.json else sys.stdout
+    if args.events == "-" and args.json:
+        raise QuantkitError("--events - and --json both want stdout; give --events a file")
+    with _events_stream(args.events) as events:
+        result = ship(args.model, args.targets, args.out, recipe, overwrite=args.overwrite,
+                      progress=not args.quiet, verbose=not args.quiet, third_party_output=args.verbose, events=events)
+    table_stream = sys.stderr if args.json or args.events == "-" else sys.stdout
     print(format_table(result), file=table_stream)
     print(f"wrote {result.out_dir}/manifest.json", file=table_stream)
     if args.json:

@@ -7,6 +7,7 @@ their accuracy gate are moved to ``OUT/rejected/`` and marked rejected in the ma
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -14,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -94,13 +96,24 @@ class ShipResult:
         return bool(self.reference)
 
 
+EVENTS_SCHEMA = "quantkit.events/1"
+
+
 class _Log:
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    """Step messages for people (stderr) and, with ``events``, JSON Lines progress events for machines."""
+
+    def __init__(self, enabled: bool, events: TextIO | None = None):
+        self.enabled, self.events = enabled, events
 
     def __call__(self, message: str) -> None:
         if self.enabled:
             print(message, file=sys.stderr, flush=True)
+
+    def event(self, kind: str, **fields) -> None:
+        if self.events is not None:
+            line = {"schema": EVENTS_SCHEMA, "time": round(time.time(), 3), "event": kind, **fields}
+            self.events.write(json.dumps(line) + "\n")
+            self.events.flush()
 
 
 def _prepare_output(out: Path, filenames: list[str], overwrite: bool) -> Path:
@@ -184,12 +197,15 @@ class WeightQuantizer(Quantizer):
 
     def _sequential(self, grid: Grid | GridPlan) -> SequentialResult:
         if grid not in self._by_grid:
+            self.log.event("stage", stage="quantize", method=self.method.name, grid=grid.name)
             self.log(f"{self.method.name} on {grid.name}: layer by layer over {self.calib.n_tokens} tokens "
                      f"({self.device.type})")
             streamer = BlockStreamer(self.source, self.device)  # one block in memory at a time
             result = quantize_sequential(streamer.model, self.source.arch, self.calib.ids.to(self.device),
                                          self.block_names, grid, self.method.quantize_block, self.progress,
-                                         label=self.method.name, streamer=streamer)
+                                         label=self.method.name, streamer=streamer,
+                                         on_block=lambda i, n: self.log.event("block", grid=grid.name, block=i,
+                                                                              blocks=n))
             result.replaced = {n: t.to("cpu") for n, t in result.replaced.items()}
             if result.expert_fallbacks:
                 n = sum(len(v) for v in result.expert_fallbacks.values())
@@ -211,6 +227,7 @@ class WeightQuantizer(Quantizer):
         """The run's importance matrix: the file's, or collected from the calibration text on first use
         (per-channel sums of squares only, by the same hooks as the other methods' statistics)."""
         if self.imatrix is None and self.imatrix_option == "calib":
+            self.log.event("stage", stage="importance matrix", tokens=self.calib.n_tokens)
             self.log(f"importance matrix over {self.calib.n_tokens} calibration tokens")
             linears = [n for i in range(self.source.n_layers) for n in self.source.arch.linear_weights(i)]
             if not self.source.tied_embeddings:
@@ -222,6 +239,7 @@ class WeightQuantizer(Quantizer):
 
     def _statistics(self) -> dict[str, LinearStats]:
         if self._stats is None:
+            self.log.event("stage", stage="calibration statistics", tokens=self.calib.n_tokens)
             self.log(f"calibration statistics over {self.calib.n_tokens} tokens")
             self._stats = collect_statistics_streamed(self.source, self.calib, self.block_names, self.progress)
         return self._stats
@@ -246,19 +264,28 @@ def ship(
     progress: bool = True,
     verbose: bool = True,
     third_party_output: bool = False,
+    events: TextIO | None = None,
 ) -> ShipResult:
     """Quantize ``model`` for each target, check each artifact in its runtime, write a manifest.
 
     ``verbose``: our step messages; ``third_party_output``: let the libraries we drive print their warnings,
-    logs and banners (hidden by default)."""
+    logs and banners (hidden by default); ``events``: a text stream that gets JSON Lines progress events
+    (schema quantkit.events/1: start, stage, block, artifact, done)."""
     bound_heap_growth()
+    log = _Log(verbose, events)
     with third_party_quiet(enabled=not third_party_output):
-        return _ship(model, targets, out, recipe, overwrite, progress, verbose)
+        try:
+            result = _ship(model, targets, out, recipe, overwrite, progress, log)
+        except Exception as exc:
+            log.event("failed", error=type(exc).__name__, message=str(exc).splitlines()[0] if str(exc) else "")
+            raise
+    log.event("done", ok=result.ok, manifest=str(result.out_dir / "manifest.json"),
+              verdicts={a.target: a.verdict for a in result.artifacts})
+    return result
 
 
-def _ship(model, targets, out, recipe: Recipe | None, overwrite: bool, progress: bool, verbose: bool) -> ShipResult:
+def _ship(model, targets, out, recipe: Recipe | None, overwrite: bool, progress: bool, log: _Log) -> ShipResult:
     started = time.time()
-    log = _Log(verbose)
     recipe = recipe or Recipe()
     recipe.validate()
     parsed = [parse_target(t) for t in targets]
@@ -269,6 +296,7 @@ def _ship(model, targets, out, recipe: Recipe | None, overwrite: bool, progress:
     names = [t.name for t in parsed]
     if len(set(names)) != len(names):
         raise QuantkitError(f"a target is listed twice in {', '.join(names)}; list each once")
+    log.event("start", model=str(model) if model else "embedded", targets=names, method=recipe.method)
 
     source = ModelSource(model)
     quantized = quantized_tensor_names(source, recipe)
@@ -318,6 +346,7 @@ def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Targ
     ctx.quantizer = quantizer
     reference = None
     if recipe.verify:
+        log.event("stage", stage="reference", tokens=samples.n_tokens)
         log(f"reference: {source.arch.hf_class} in transformers (fp32, block by block) on {samples.n_tokens} tokens")
         reference = Reference(source, samples, scratch, progress)
         log(f"reference perplexity {reference.metrics.perplexity:.3f}")
@@ -367,9 +396,11 @@ class Check:
 def _ship_one(target: Target, ctx: ExportContext, tmp: Path, check: Check | None, log: _Log) -> ArtifactResult:
     path = tmp / target.filename()
     log(f"{target.name}: exporting {path.name}")
+    log.event("artifact", target=target.name, phase="export")
     t0 = time.time()
     target.export(ctx, path)
     t1 = time.time()
+    log.event("artifact", target=target.name, phase="exported", seconds=round(t1 - t0, 2))
     bpw = target.bits_per_weight(ctx.recipe)
     metrics, gate, failures, tokenizer_check = None, None, [], None
     if check is not None:
@@ -392,6 +423,8 @@ def _ship_one(target: Target, ctx: ExportContext, tmp: Path, check: Check | None
         path = tmp / relative
     size, digest = artifact_digest(path)
     verdict = "unverified" if check is None else "rejected" if failures else "accepted"
+    log.event("artifact", target=target.name, phase="checked", verdict=verdict, path=relative.as_posix(),
+              metrics=None if metrics is None else metrics.to_dict(), failures=failures)
     return ArtifactResult(
         target=target.name,
         path=relative.as_posix(),

@@ -243,7 +243,8 @@ BlockFn = Callable[[BlockJob], SequentialResult]
 @torch.no_grad()
 def quantize_sequential(model: nn.Module, arch: Architecture, calib_ids: torch.Tensor, names: Iterable[str],
                         grid: Grid | GridPlan, quantize_block: BlockFn, progress: bool = False,
-                        label: str = "quantize", streamer=None) -> SequentialResult:
+                        label: str = "quantize", streamer=None,
+                        on_block: Callable[[int, int], None] | None = None) -> SequentialResult:
     """Quantize the block linears listed in ``names`` on ``grid`` (or each on its grid of a
     ``GridPlan``); ``model`` is modified in place.
 
@@ -276,4 +277,6 @@ def quantize_sequential(model: nn.Module, arch: Architecture, calib_ids: torch.T
         hidden = job.run()
         if streamer:
             streamer.release_block(index)
+        if on_block:
+            on_block(index, len(blocks))
     return result
