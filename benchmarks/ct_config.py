@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "quantkit" / "assets" / "default_model"
-SCHEMES = {"w4a16": ("W4A16", ["--group-size", "128"]), "w8a16": ("W8A16", ["--bits", "8", "--group-size", "-1"]),
+SCHEMES = {"w4a16": ("W4A16", ["--group-size", "128"]), "w8a16": ("W8A16", ["--bits", "8", "--group-size", "128"]),
            "w8a8": ("W8A8", []), "fp8": ("FP8_DYNAMIC", [])}
 LINEAR = "model.layers.0.self_attn.q_proj"
 PEER = """

@@ -75,7 +75,7 @@ def _strategy(grid: IntGrid) -> dict:
 def _args(num_bits: int, kind: str, symmetric: bool, **rest) -> dict:
     """One quantization-args entry of config_groups, with every key llm-compressor writes."""
     return {"num_bits": num_bits, "type": kind, "symmetric": symmetric, "dynamic": False, "actorder": None,
-            "block_structure": None, "observer": "minmax", "observer_kwargs": {}, "group_size": None,
+            "block_structure": None, "observer": "memoryless_minmax", "observer_kwargs": {}, "group_size": None,
             "strategy": "channel", **rest}
 
 
