@@ -7,12 +7,13 @@ their accuracy gate are moved to ``OUT/rejected/`` and marked rejected in the ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -114,6 +115,32 @@ class _Log:
             line = {"schema": EVENTS_SCHEMA, "time": round(time.time(), 3), "event": kind, **fields}
             self.events.write(json.dumps(line) + "\n")
             self.events.flush()
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path) -> Iterator[None]:
+    """One run at a time per output folder: an advisory lock on ``.<name>.lock`` beside it (the kernel drops it
+    when the process dies, so a killed run leaves no stale lock); a second run is refused, not interleaved."""
+    import fcntl
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(out.parent / f".{out.name}.lock", "a+")  # noqa: SIM115 - held for the whole run
+    except OSError as exc:
+        raise QuantkitError(f"cannot write to output folder {out} ({exc.strerror}); choose a writable --out") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise QuantkitError(f"another quantkit run is writing {out}; wait for it to finish or choose another "
+                                "--out") from None
+        try:
+            yield
+        finally:
+            Path(handle.name).unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        handle.close()
 
 
 def _prepare_output(out: Path, filenames: list[str], overwrite: bool) -> Path:
@@ -314,16 +341,18 @@ def _ship(model, targets, out, recipe: Recipe | None, overwrite: bool, progress:
             raise QuantkitError(f"--method {recipe.method} with {target.name}: {reason}; use --method rtn or awq")
     out = Path(out)
     extra = [GGUF_FILENAME] if recipe.imatrix == "calib" else []
-    tmp = _prepare_output(out, [t.filename() for t in parsed] + extra, overwrite)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))  # never moved into --out
-    weight_hashes = source.weight_sha256_in_background()  # for the manifest, while the run works
-    try:
-        result = _run(source, recipe, method, parsed, ctx, tmp, scratch, out, log, progress, started, weight_hashes)
-        _move_into_place(tmp, out)
-    finally:
-        weight_hashes.cancel()  # after a failure: stop reading the checkpoint (a no-op once finished)
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
+    with _output_lock(out):
+        tmp = _prepare_output(out, [t.filename() for t in parsed] + extra, overwrite)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))  # never moved into --out
+        weight_hashes = source.weight_sha256_in_background()  # for the manifest, while the run works
+        try:
+            result = _run(source, recipe, method, parsed, ctx, tmp, scratch, out, log, progress, started,
+                          weight_hashes)
+            _move_into_place(tmp, out)
+        finally:
+            weight_hashes.cancel()  # after a failure: stop reading the checkpoint (a no-op once finished)
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
     return result
 
 

@@ -40,3 +40,36 @@ def test_two_processes_with_different_hash_seeds_write_the_same_bytes(tmp_path):
         target = tmp_path / "a" / path
         if target.is_file():
             assert hashlib.sha256(target.read_bytes()).hexdigest() == digest
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused_while_the_first_holds_it(tmp_path):
+    """Two runs on one --out at once: the second is refused by the first's lock (not interleaved), writes
+    nothing, and the lock is gone once the first ends."""
+    import multiprocessing
+
+    import pytest
+
+    import quantkit
+    from quantkit.errors import QuantkitError
+    from quantkit.pipeline import _output_lock
+
+    out = tmp_path / "o"
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+
+    def hold() -> None:  # another process in the middle of its run
+        with _output_lock(out):
+            ready.set()
+            release.wait(60)
+
+    holder = multiprocessing.get_context("fork").Process(target=hold)
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(QuantkitError, match="another quantkit run is writing"):
+            quantkit.ship(None, targets=["gguf:Q8_0"], out=out, verify=False)
+        assert not out.exists()
+    finally:
+        release.set()
+        holder.join(30)
+    result = quantkit.ship(None, targets=["gguf:Q8_0"], out=out, verify=False)
+    assert result.ok and not (tmp_path / ".o.lock").exists()
