@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -372,7 +372,7 @@ def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Targ
                        "tokens": calib.n_tokens, "ids_sha256": calib.sha256}
     quantizer = WeightQuantizer(source, method, calib, ctx.quantized_names, log, progress, recipe.torch_device(),
                                 recipe.imatrix, imatrix_file)
-    ctx.quantizer = quantizer
+    ctx = replace(ctx, quantizer=quantizer)  # the validated context, now with the run's weights
     reference = None
     if recipe.verify:
         log.event("stage", stage="reference", tokens=samples.n_tokens)

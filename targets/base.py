@@ -55,8 +55,10 @@ class Quantizer:
         return replaced if replaced is not None else self.source.load(name)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportContext:
+    """What every target exports from; immutable: a run that learns its weights makes a new one (``replace``)."""
+
     source: ModelSource
     recipe: Recipe
     quantized_names: list[str]
@@ -65,7 +67,7 @@ class ExportContext:
 
     def __post_init__(self) -> None:
         if self.quantizer is None:
-            self.quantizer = Quantizer(self.source)
+            object.__setattr__(self, "quantizer", Quantizer(self.source))
 
     def quantize(self, name: str, grid: Grid, plan: GridPlan | None = None) -> QuantizedWeight:
         return self.quantizer.quantize(name, grid, plan)
