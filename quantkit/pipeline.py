@@ -427,10 +427,10 @@ def _ship_one(target: Target, ctx: ExportContext, tmp: Path, check: Check | None
     log(f"{target.name}: exporting {path.name}")
     log.event("artifact", target=target.name, phase="export")
     t0 = time.time()
-    target.export(ctx, path)
+    report = target.export(ctx, path)
     t1 = time.time()
     log.event("artifact", target=target.name, phase="exported", seconds=round(t1 - t0, 2))
-    bpw = target.bits_per_weight(ctx.recipe)
+    bpw = report.bits_per_weight or target.bits_per_weight(ctx.recipe)
     metrics, gate, failures, tokenizer_check = None, None, [], None
     if check is not None:
         log(f"{target.name}: checking in {target.runtime()['name']}")
@@ -467,7 +467,7 @@ def _ship_one(target: Target, ctx: ExportContext, tmp: Path, check: Check | None
         failures=failures,
         tokenizer_check=tokenizer_check,
         seconds={"export": round(t1 - t0, 2), "verify": round(t2 - t1, 2)},
-        notes=target.notes(),
+        notes=list(report.notes),
         remedies=target.remedies(ctx.recipe) if failures else [],
     )
 

@@ -76,6 +76,15 @@ class ExportContext:
         return self.quantizer.load(name, grid, plan)
 
 
+@dataclass(frozen=True)
+class ExportReport:
+    """What a target's export says about the artifact it wrote: report lines (choices made while exporting, e.g.
+    type fallbacks) and, where the stored size differs from the grid's nominal one, the bits per weight."""
+
+    notes: tuple[str, ...] = ()
+    bits_per_weight: float | None = None
+
+
 class Target(ABC):
     kind: str
 
@@ -105,8 +114,9 @@ class Target(ABC):
         """Reject impossible combinations before any work starts."""
 
     @abstractmethod
-    def export(self, ctx: ExportContext, path: Path) -> None:
-        """Write the artifact to ``path``."""
+    def export(self, ctx: ExportContext, path: Path) -> ExportReport:
+        """Write the artifact to ``path``; what it says about it comes back in the report (a target keeps no
+        state between calls)."""
 
     @abstractmethod
     def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:
@@ -115,10 +125,6 @@ class Target(ABC):
     @abstractmethod
     def runtime(self) -> dict:
         """Name and version of the runtime that checks this artifact."""
-
-    def notes(self) -> list[str]:
-        """Lines for the report about choices made while exporting (e.g. type fallbacks)."""
-        return []
 
     def remedies(self, recipe: Recipe) -> list[str]:
         """What to try when this artifact fails its accuracy gate."""

@@ -31,7 +31,7 @@ from quantkit.errors import QuantkitError
 from quantkit.grids import PER_CHANNEL, PER_TENSOR, Grid, IntGrid, QuantizedWeight, QuantParams
 from quantkit.packing import pack_along_columns, pack_along_rows
 from quantkit.recipe import Recipe
-from quantkit.targets.base import ExportContext
+from quantkit.targets.base import ExportContext, ExportReport
 from quantkit.targets.hf_checkpoint import HFCheckpointTarget, hf_logits, write_quantized_checkpoint
 
 SCHEMES = ("w4a16", "w8a16", "w8a8", "fp8")
@@ -172,7 +172,7 @@ class CompressedTensorsTarget(HFCheckpointTarget):
         if recipe.quantize_embeddings:
             raise QuantkitError(f"ct:{self.option} quantizes linears only; drop --quantize-embeddings")
 
-    def export(self, ctx: ExportContext, path: Path) -> None:
+    def export(self, ctx: ExportContext, path: Path) -> ExportReport:
         grid = self.grid(ctx.recipe)
         dtype = torch.bfloat16 if ctx.source.tensors[ctx.source.arch.embedding].dtype == "BF16" else torch.float16
         pack = {"w8a8": int8_tensors, "fp8": fp8_tensors}.get(self.option, packed_tensors)
@@ -181,8 +181,12 @@ class CompressedTensorsTarget(HFCheckpointTarget):
             version = metadata.version("compressed-tensors")
         except metadata.PackageNotFoundError:
             version = None
-        write_quantized_checkpoint(ctx, path, grid, lambda qw: pack(qw, dtype),
-                                   quantization_config(self.option, grid, ignore, version), dtype=dtype)
+        notes = () if self.option not in ("w8a8", "fp8") else (
+            "activations are quantized per token at run time by a GPU server (vLLM); transformers on a CPU "
+            "decompresses the weights and runs 16/32-bit activations, so the check measures the weights",)
+        return write_quantized_checkpoint(ctx, path, grid, lambda qw: pack(qw, dtype),
+                                          quantization_config(self.option, grid, ignore, version), dtype=dtype,
+                                          notes=notes)
 
     def runtime(self) -> dict:
         versions = {p: _version(p) for p in ("transformers", "compressed-tensors")}
@@ -195,12 +199,6 @@ class CompressedTensorsTarget(HFCheckpointTarget):
         from transformers import CompressedTensorsConfig
 
         return hf_logits(path, ids, progress, quantization_config=CompressedTensorsConfig(run_compressed=False))
-
-    def notes(self) -> list[str]:
-        if self.option in ("w8a8", "fp8"):
-            return ["activations are quantized per token at run time by a GPU server (vLLM); transformers on a "
-                    "CPU decompresses the weights and runs fp32 activations, so the check measures the weights"]
-        return []
 
 
 def _version(package: str) -> str | None:

@@ -44,7 +44,7 @@ from quantkit.errors import QuantkitError
 from quantkit.grids import PER_CHANNEL, PER_TENSOR, IntGrid, QuantizedWeight
 from quantkit.quiet import silenced
 from quantkit.recipe import Recipe
-from quantkit.targets.base import ExportContext, Target
+from quantkit.targets.base import ExportContext, ExportReport, Target
 from quantkit.targets.hf_checkpoint import copy_model_files
 
 WEIGHT_BITS = {"8da4w": 4, "8da8w": 8, "fp32": None}
@@ -294,6 +294,11 @@ def executorch_version() -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class ExecuTorchReport(ExportReport):
+    delegation: Delegation | None = None  # how much of the program XNNPACK took
+
+
 class ExecuTorchTarget(Target):
     kind = "executorch"
 
@@ -302,9 +307,6 @@ class ExecuTorchTarget(Target):
         if option not in WEIGHT_BITS:
             raise QuantkitError(f"executorch option {option!r} is unknown; use one of: {', '.join(WEIGHT_BITS)}")
         super().__init__(option)
-        self.delegation: Delegation | None = None
-        self._bpw: float | None = None
-        self.kv_cache = False
 
     def grid(self, recipe: Recipe) -> XnnpackGrid | None:
         bits = WEIGHT_BITS[self.option]
@@ -323,9 +325,7 @@ class ExecuTorchTarget(Target):
             raise QuantkitError(f"{self.name} cannot express {ctx.source.arch.name} models yet (mixture of experts: "
                                 "torch.export cannot trace data-dependent routing); use a gguf or hf-gptq target")
         grid = self.grid(ctx.recipe)
-        self.kv_cache = kv_cache_program(ctx)
         if grid is None:
-            self._bpw = 32.0
             return
         if not grid.symmetric:
             raise QuantkitError(f"{self.name} stores symmetric weights only (XNNPACK's int4/int8 weights have no "
@@ -339,7 +339,6 @@ class ExecuTorchTarget(Target):
         if ctx.recipe.quantize_embeddings:
             raise QuantkitError(f"{self.name} keeps the token embedding in fp32 (XNNPACK has no quantized "
                                 "embedding lookup); drop --quantize-embeddings")
-        self._bpw = self._stored_bits(ctx, grid)
 
     @staticmethod
     def _stored_bits(ctx: ExportContext, grid: XnnpackGrid) -> float:
@@ -352,28 +351,29 @@ class ExecuTorchTarget(Target):
         return grid.bits + scale_bits / max(weights, 1)
 
     def bits_per_weight(self, recipe: Recipe) -> float:
-        if self._bpw is not None:
-            return self._bpw
         grid = self.grid(recipe)
         return 32.0 if grid is None else grid.bits_per_weight()
 
-    def export(self, ctx: ExportContext, path: Path) -> None:
+    def export(self, ctx: ExportContext, path: Path) -> ExecuTorchReport:
         grid = self.grid(ctx.recipe)
+        kv_cache = kv_cache_program(ctx)
         path.mkdir()
         with silenced():
-            if kv_cache_program(ctx):
+            if kv_cache:
                 max_len = context_length(ctx)
-                program, self.delegation = lower_cached_to_xnnpack(cached_model(ctx, grid, max_len), max_len,
-                                                                   runner_metadata(ctx, max_len))
+                program, delegated = lower_cached_to_xnnpack(cached_model(ctx, grid, max_len), max_len,
+                                                             runner_metadata(ctx, max_len))
             else:
-                program, self.delegation = lower_to_xnnpack(quantized_model(ctx, grid), ctx.recipe.seq_len)
-        if self.delegation.linears_delegated < self.delegation.linears_total:
-            missing = self.delegation.linears_total - self.delegation.linears_delegated
-            raise QuantkitError(f"XNNPACK did not take {missing} of {self.delegation.linears_total} linears of "
+                program, delegated = lower_to_xnnpack(quantized_model(ctx, grid), ctx.recipe.seq_len)
+        if delegated.linears_delegated < delegated.linears_total:
+            missing = delegated.linears_total - delegated.linears_delegated
+            raise QuantkitError(f"XNNPACK did not take {missing} of {delegated.linears_total} linears of "
                                 f"{path.name}; they would run unquantized-kernel fallbacks: report this with the "
                                 "model, or --exclude them")
         (path / PROGRAM_FILE).write_bytes(program.buffer)
         copy_model_files(ctx.source.path, path)
+        bits = 32.0 if grid is None else self._stored_bits(ctx, grid)
+        return ExecuTorchReport(tuple(self._notes(kv_cache, delegated)), bits, delegated)
 
     def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:
         """Each row in one call: a KV-cache program prefills it from position 0 (the cache slots of an
@@ -394,8 +394,8 @@ class ExecuTorchTarget(Target):
     def runtime(self) -> dict:
         return {"name": "ExecuTorch runtime (XNNPACK delegate)", "version": {"executorch": executorch_version()}}
 
-    def notes(self) -> list[str]:
-        if self.kv_cache:
+    def _notes(self, kv_cache: bool, d: Delegation) -> list[str]:
+        if kv_cache:
             lines = ["forward(tokens, input_pos) with a static KV cache (ExecuTorch's LLM runner convention)"]
         else:
             lines = ["full-sequence forward of --seq-len tokens, no KV cache (this family has no KV-cache program)"]
@@ -403,10 +403,8 @@ class ExecuTorchTarget(Target):
             lines.append("activations int8 per token at run time")
         if self.option == "8da8w":
             lines.append("8da8w: weights per channel (XNNPACK has no 8-bit groups); --group-size not used")
-        if self.delegation:
-            d = self.delegation
-            lines.append(f"XNNPACK took {d.linears_delegated}/{d.linears_total} linears and "
-                         f"{d.nodes_delegated}/{d.nodes_total} graph nodes in {d.subgraphs} subgraphs")
+        lines.append(f"XNNPACK took {d.linears_delegated}/{d.linears_total} linears and "
+                     f"{d.nodes_delegated}/{d.nodes_total} graph nodes in {d.subgraphs} subgraphs")
         return lines
 
 

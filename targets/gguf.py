@@ -28,7 +28,7 @@ from quantkit.llamacpp import without_extra_buffer_types
 from quantkit.model import ROW_CHUNK_BYTES, ModelSource
 from quantkit.recipe import Recipe
 from quantkit.sequential import GridPlan
-from quantkit.targets.base import ExportContext, Target
+from quantkit.targets.base import ExportContext, ExportReport, Target
 from quantkit.targets.gguf_mixes import (
     ModelFacts,
     TypeChooser,
@@ -42,6 +42,18 @@ from quantkit.targets.gguf_vocab import read_vocab
 
 GGMLType = gguf.GGMLQuantizationType
 FLOAT_BITS = {"F32": 32.0, "F16": 16.0, "BF16": 16.0}
+
+
+@dataclass(frozen=True)
+class GGUFPlan:
+    """Every tensor of the file with its GGUF type, and the report lines the choice made (overrides that
+    decided types, fallbacks); iterates over the tensors."""
+
+    tensors: tuple[PlannedTensor, ...]
+    notes: tuple[str, ...]
+
+    def __iter__(self):
+        return iter(self.tensors)
 
 
 @dataclass
@@ -158,9 +170,6 @@ class GGUFTarget(Target):
         """The grid of the file type's base type (None for float files)."""
         return GGUF_GRIDS.get(self.file_type.base)
 
-    def notes(self) -> list[str]:
-        return list(self._notes)
-
     def bits_per_weight(self, recipe: Recipe) -> float:
         grid = self.grid(recipe)
         return grid.bits_per_weight() if grid else FLOAT_BITS[self.type_name]
@@ -191,7 +200,7 @@ class GGUFTarget(Target):
                            override_type(embd, "--token-embedding-type") if embd else None,
                            override_type(out, "--output-tensor-type") if out else None)
 
-    def plan(self, source: ModelSource, recipe: Recipe) -> list[PlannedTensor]:
+    def plan(self, source: ModelSource, recipe: Recipe) -> GGUFPlan:
         """Every tensor of the file with its GGUF type; overrides and fallbacks become report notes."""
         arch, cfg = source.arch, source.config
         norms = arch.norm_weights(source.n_layers) if arch.norm_offset else set()
@@ -237,8 +246,8 @@ class GGUFTarget(Target):
             plan.append(entry(arch.lm_head, "output.weight"))
         if chooser is not None and chosen_names:
             check_overrides_used(chooser, chosen_names, decided)
-        self._notes = override_notes(decided) + [fallback_note(*key, names) for key, names in fallbacks.items()]
-        return plan
+        notes = override_notes(decided) + [fallback_note(*key, names) for key, names in fallbacks.items()]
+        return GGUFPlan(tuple(plan), tuple(notes))
 
     def validate(self, ctx: ExportContext) -> None:
         plan = self.plan(ctx.source, ctx.recipe)
@@ -251,11 +260,11 @@ class GGUFTarget(Target):
         read_vocab(ctx.source.path, _tokenizer_config(ctx.source.path), _embedding_rows(ctx.source))
 
     @staticmethod
-    def _block_linears(plan: list[PlannedTensor], source: ModelSource) -> list[PlannedTensor]:
+    def _block_linears(plan: GGUFPlan, source: ModelSource) -> list[PlannedTensor]:
         linears = {n for i in range(source.n_layers) for n in source.arch.linear_weights(i)}
         return [t for t in plan if t.hf_name in linears and t.grid is not None]
 
-    def _grid_plan(self, plan: list[PlannedTensor], ctx: ExportContext) -> GridPlan | None:
+    def _grid_plan(self, plan: GGUFPlan, ctx: ExportContext) -> GridPlan | None:
         """The grid of every quantized block linear, when the file type gives them more than one."""
         base = self.grid(ctx.recipe)
         others = tuple((name, t.grid) for t in self._block_linears(plan, ctx.source) if t.grid != base
@@ -263,7 +272,7 @@ class GGUFTarget(Target):
         return GridPlan(base, others) if base is not None and others else None
 
     # ---- export ---------------------------------------------------------------------------------
-    def export(self, ctx: ExportContext, path: Path) -> None:
+    def export(self, ctx: ExportContext, path: Path) -> ExportReport:
         """Header and tensor infos first (sizes follow from the plan), then each tensor streamed in row
         chunks: read, rounded (or taken from the method's result) and written before the next chunk."""
         source = ctx.source
@@ -283,6 +292,7 @@ class GGUFTarget(Target):
         for t in tqdm(plan, desc=f"write {path.name}", unit="tensor", disable=not ctx.progress, leave=False):
             _write_tensor_chunks(writer, t.nbytes(), self._tensor_chunks(ctx, t, grids))
         writer.close()
+        return ExportReport(plan.notes)
 
     def _tensor_chunks(self, ctx: ExportContext, t: PlannedTensor, grids: GridPlan | None) -> Iterator[np.ndarray]:
         """The tensor's bytes in row chunks, rows in llama.cpp's rope layout where it needs one; a stack of

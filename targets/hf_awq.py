@@ -13,7 +13,7 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.grids import IntGrid, QuantizedWeight
 from quantkit.packing import AWQ_ORDER, pack_along_columns
-from quantkit.targets.base import ExportContext
+from quantkit.targets.base import ExportContext, ExportReport
 from quantkit.targets.hf_checkpoint import HFCheckpointTarget, unsigned_codes_and_zeros, write_quantized_checkpoint
 
 
@@ -41,9 +41,9 @@ class HFAWQTarget(HFCheckpointTarget):
         if ctx.recipe.quantize_embeddings or ctx.recipe.quantize_lm_head:
             raise QuantkitError("hf-awq quantizes block linears only; drop --quantize-embeddings/--quantize-lm-head")
 
-    def export(self, ctx: ExportContext, path: Path) -> None:
+    def export(self, ctx: ExportContext, path: Path) -> ExportReport:
         grid: IntGrid = self.grid(ctx.recipe)
-        write_quantized_checkpoint(ctx, path, grid, awq_tensors, {
+        return write_quantized_checkpoint(ctx, path, grid, awq_tensors, {
             "quant_method": "awq",
             "bits": 4,
             "group_size": grid.group_size,

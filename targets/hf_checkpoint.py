@@ -21,7 +21,7 @@ from quantkit.errors import QuantkitError
 from quantkit.grids import Grid, QuantizedWeight
 from quantkit.quiet import silenced
 from quantkit.recipe import Recipe
-from quantkit.targets.base import ExportContext, Target
+from quantkit.targets.base import ExportContext, ExportReport, Target
 
 WEIGHTS = "model.safetensors"
 MAX_SHARD_BYTES = 4 * 2**30  # shard size the HF ecosystem commonly uses
@@ -79,7 +79,8 @@ class ShardWriter:
 
 def write_quantized_checkpoint(ctx: ExportContext, path: Path, grid: Grid,
                                pack: Callable[[QuantizedWeight], dict[str, torch.Tensor]],
-                               quantization_config: dict, dtype: torch.dtype = torch.float16) -> None:
+                               quantization_config: dict, dtype: torch.dtype = torch.float16,
+                               notes: tuple[str, ...] = ()) -> ExportReport:
     """An HF folder: quantized linears packed by ``pack``, every other tensor in ``dtype`` (as the
     method left it: AWQ rescales norms), config with ``quantization_config``, tokenizer copied."""
     source = ctx.source
@@ -102,6 +103,7 @@ def write_quantized_checkpoint(ctx: ExportContext, path: Path, grid: Grid,
     config["quantization_config"] = quantization_config
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_model_files(source.path, path)
+    return ExportReport(notes)
 
 
 def copy_model_files(source_dir: Path, dest: Path) -> None:

@@ -15,7 +15,7 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.grids import PER_TENSOR, IntGrid, QuantizedWeight
 from quantkit.packing import pack_along_columns, pack_along_rows
-from quantkit.targets.base import ExportContext
+from quantkit.targets.base import ExportContext, ExportReport
 from quantkit.targets.hf_checkpoint import HFCheckpointTarget, unsigned_codes_and_zeros, write_quantized_checkpoint
 
 PACKABLE_BITS = (2, 4, 8)
@@ -58,9 +58,9 @@ class HFGPTQTarget(HFCheckpointTarget):
                 raise QuantkitError(f"hf-gptq packs {per_word} {grid.bits}-bit codes per int32: {name} ({rows}x{cols}) "
                                     f"needs both dimensions divisible by {per_word}; use more bits or --exclude it")
 
-    def export(self, ctx: ExportContext, path: Path) -> None:
+    def export(self, ctx: ExportContext, path: Path) -> ExportReport:
         grid: IntGrid = self.grid(ctx.recipe)
-        write_quantized_checkpoint(ctx, path, grid, lambda qw: gptq_tensors(qw, grid.group_size), {
+        return write_quantized_checkpoint(ctx, path, grid, lambda qw: gptq_tensors(qw, grid.group_size), {
             "quant_method": "gptq",
             "bits": grid.bits,
             "group_size": grid.group_size,

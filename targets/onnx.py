@@ -25,7 +25,7 @@ from quantkit.grids import IntGrid
 from quantkit.model import ModelSource
 from quantkit.onnx_decoder import OnnxDecoder
 from quantkit.recipe import Recipe
-from quantkit.targets.base import ExportContext, Target
+from quantkit.targets.base import ExportContext, ExportReport, Target
 from quantkit.targets.hf_checkpoint import copy_model_files, unsigned_codes_and_zeros
 
 MODEL_FILE = "model.onnx"
@@ -106,7 +106,7 @@ class ONNXTarget(Target):
                 raise QuantkitError(f"{self.kind}: {problem} for {name}; use --group-size 32, 64 or 128")
         rotary_parameters(ctx.source)
 
-    def export(self, ctx: ExportContext, path: Path) -> None:
+    def export(self, ctx: ExportContext, path: Path) -> ExportReport:
         import onnx
 
         from quantkit.targets.onnx_graph import DecoderGraph, DecoderParts, GraphWriter, to_matmul_nbits
@@ -134,6 +134,7 @@ class ONNXTarget(Target):
         onnx.save_model(model, str(path / MODEL_FILE))
         copy_model_files(ctx.source.path, path)
         shutil.copy(ctx.source.path / "config.json", path / "config.json")
+        return ExportReport((f"{self.activations} activations; quantized linears are com.microsoft MatMulNBits",))
 
     def model_file(self, path: Path) -> Path:
         return path / MODEL_FILE
@@ -148,5 +149,3 @@ class ONNXTarget(Target):
         versions = {package: metadata.version(package) for package in ("onnxruntime", "onnx")}
         return {"name": "onnxruntime (CPUExecutionProvider)", "version": versions}
 
-    def notes(self) -> list[str]:
-        return [f"{self.activations} activations; quantized linears are com.microsoft MatMulNBits"]

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from quantkit.arch.base import hparam
 from quantkit.errors import QuantkitError
 from quantkit.model import ModelSource
-from quantkit.targets.base import ExportContext
+from quantkit.targets.base import ExportContext, ExportReport
 from quantkit.targets.gguf import first_difference
 from quantkit.targets.onnx import MODEL_FILE, ONNXTarget
 
@@ -88,10 +88,11 @@ class OnnxGenaiTarget(ONNXTarget):
             raise QuantkitError(f"{self.kind}: onnxruntime-genai has no model type for {ctx.source.arch.name}; "
                                 "use the onnx target")
 
-    def export(self, ctx: ExportContext, path: Path) -> None:
-        super().export(ctx, path)
+    def export(self, ctx: ExportContext, path: Path) -> ExportReport:
+        report = super().export(ctx, path)
         context = int(hparam(ctx.source.config, "max_position_embeddings"))
         (path / CONFIG_FILE).write_text(json.dumps(genai_config(ctx.source, context), indent=2) + "\n")
+        return report
 
     def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:
         """Each row appended to a fresh generator as one prompt; the logits its decoder computed for every

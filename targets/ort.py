@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
-from quantkit.targets.base import ExportContext
+from quantkit.targets.base import ExportContext, ExportReport
 from quantkit.targets.onnx import MODEL_FILE, ONNXTarget
 
 ORT_FILE = "model.ort"
@@ -38,11 +38,11 @@ class ORTTarget(ONNXTarget):
             raise QuantkitError(f"ort: the model needs about {estimate / 2**30:.1f} GiB, over the ORT format's 2 GiB "
                                 "limit; use the onnx target (external data) for this model")
 
-    def export(self, ctx: ExportContext, path: Path) -> None:
+    def export(self, ctx: ExportContext, path: Path) -> ExportReport:
         path.mkdir()
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-") as scratch:
             onnx_dir = Path(scratch) / "onnx"
-            super().export(ctx, onnx_dir)
+            report = super().export(ctx, onnx_dir)
             converted = Path(scratch) / "ort"
             _convert(onnx_dir / MODEL_FILE, converted)
             shutil.move(converted / ORT_FILE, path / ORT_FILE)
@@ -53,6 +53,8 @@ class ORTTarget(ONNXTarget):
             for item in onnx_dir.iterdir():
                 if item.suffix == ".json" or item.name == "tokenizer.model":
                     shutil.copy(item, path / item.name)
+        return ExportReport((*report.notes, "reduced build: onnxruntime build.sh --minimal_build "
+                             f"--include_ops_by_config {OPERATORS_CONFIG}"))
 
     def model_file(self, path: Path) -> Path:
         return path / ORT_FILE
@@ -62,9 +64,6 @@ class ORTTarget(ONNXTarget):
         info["name"] = "onnxruntime, ORT format (CPUExecutionProvider)"
         return info
 
-    def notes(self) -> list[str]:
-        return [*super().notes(), f"reduced build: onnxruntime build.sh --minimal_build --include_ops_by_config "
-                                  f"{OPERATORS_CONFIG}"]
 
 
 def _convert(model: Path, out_dir: Path) -> None:

@@ -58,12 +58,12 @@ def exported(request, tiny_models, tmp_path_factory):
     target = parse_target(spec)
     target.validate(ctx)
     path = tmp_path_factory.mktemp(request.param) / target.filename()
-    target.export(ctx, path)
-    return request.param, ctx, target, path
+    report = target.export(ctx, path)
+    return request.param, ctx, target, path, report
 
 
 def test_runtime_logits_match_the_emulated_quantized_arithmetic(exported):
-    name, ctx, target, path = exported
+    name, ctx, target, path, _ = exported
     ids = torch.randint(1, 4096, (3, SEQ), generator=torch.Generator().manual_seed(1))
     runtime = torch.stack([torch.from_numpy(x) for x in target.logits(path, ids, progress=False)])
     dtype = embedding_dtype(ctx.source.tensors[ctx.source.arch.embedding].dtype)
@@ -85,14 +85,14 @@ def test_runtime_logits_match_the_emulated_quantized_arithmetic(exported):
 
 
 def test_every_linear_runs_in_xnnpack(exported):
-    name, ctx, target, path = exported
-    d = target.delegation
+    name, ctx, target, path, report = exported
+    d = report.delegation
     # quantized block linears plus the (fp32) lm_head
     assert d.linears_total == len(ctx.quantized_names) + 1, (name, d)
     assert d.linear_fraction == 1.0, (name, d)
     # what stays outside XNNPACK is the embedding lookup, rope and mask plumbing: about half the nodes
     assert 0.4 < d.nodes_delegated / d.nodes_total < 1.0, (name, d)
-    assert any("XNNPACK took" in note for note in target.notes())
+    assert any("XNNPACK took" in note for note in report.notes)
 
 
 def test_ship_scores_the_program_in_the_executorch_runtime(tmp_path):

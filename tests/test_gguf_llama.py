@@ -259,11 +259,12 @@ def test_mix_falls_back_for_rows_that_do_not_fit(tiny_models, tmp_path):
 
     target = GGUFTarget("Q4_K_M")
     src = ModelSource(tiny_models["llama"])
-    plan = {t.gguf_name: t.ggml_type.name for t in target.plan(src, Recipe())}
+    planned = target.plan(src, Recipe())
+    plan = {t.gguf_name: t.ggml_type.name for t in planned}
     assert plan["blk.0.attn_q.weight"] == "Q5_0" and plan["output.weight"] == "Q8_0"
-    q4_k = [n for n in target.notes() if "with rows of 128 do not fit Q4_K's blocks; written as Q5_0" in n]
-    assert len(q4_k) == 1 and "token_embd, attn_q x2, attn_k x2" in q4_k[0], target.notes()
-    assert any("do not fit Q6_K's blocks; written as Q8_0, as llama.cpp does (attn_v)" in n for n in target.notes())
+    q4_k = [n for n in planned.notes if "with rows of 128 do not fit Q4_K's blocks; written as Q5_0" in n]
+    assert len(q4_k) == 1 and "token_embd, attn_q x2, attn_k x2" in q4_k[0], planned.notes
+    assert any("do not fit Q6_K's blocks; written as Q8_0, as llama.cpp does (attn_v)" in n for n in planned.notes)
 
 
 OVERRIDES = ((r"attn_v", "Q8_0"), (r"blk\.0\..*", "Q6_K"), (r"ffn_(up|gate)", "Q5_0"))
@@ -292,8 +293,8 @@ def test_overrides_are_reported(tmp_path):
     from quantkit.targets.gguf import GGUFTarget
 
     target = GGUFTarget("Q4_0")
-    target.plan(ModelSource(), Recipe(tensor_types=["attn_v=Q8_0"], output_tensor_type="F16"))
-    assert target.notes() == [
+    planned = target.plan(ModelSource(), Recipe(tensor_types=["attn_v=Q8_0"], output_tensor_type="F16"))
+    assert list(planned.notes) == [
         "--tensor-type attn_v=Q8_0: 4 tensors (blk.0.attn_v.weight, blk.1.attn_v.weight, blk.2.attn_v.weight "
         "and 1 more)",
         "--output-tensor-type: 1 tensor (output.weight)"]
