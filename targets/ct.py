@@ -177,10 +177,7 @@ class CompressedTensorsTarget(HFCheckpointTarget):
         dtype = torch.bfloat16 if ctx.source.tensors[ctx.source.arch.embedding].dtype == "BF16" else torch.float16
         pack = {"w8a8": int8_tensors, "fp8": fp8_tensors}.get(self.option, packed_tensors)
         ignore = ["lm_head"] if ctx.source.arch.lm_head not in ctx.quantized_names else []
-        try:
-            version = metadata.version("compressed-tensors")
-        except metadata.PackageNotFoundError:
-            version = None
+        version = _version("compressed-tensors")
         notes = () if self.option not in ("w8a8", "fp8") else (
             "activations are quantized per token at run time by a GPU server (vLLM); transformers on a CPU "
             "decompresses the weights and runs 16/32-bit activations, so the check measures the weights",)

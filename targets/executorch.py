@@ -186,25 +186,25 @@ def cached_model(ctx: ExportContext, grid: IntGrid | None, max_len: int) -> nn.M
         bias = ctx.load(name.removesuffix(".weight") + ".bias", grid) if name in biased else None
         if name in quantized:
             return DynamicActivationQuantLinear(ctx.quantize(name, grid), bias)
-        weight = ctx.load(name, grid).float()
-        module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            module.weight.copy_(weight)
-            if bias is not None:
-                module.bias.copy_(bias)
-        return module.requires_grad_(False)
+        return float_linear(ctx.load(name, grid), bias)
 
     stored = ctx.load(arch.embedding, grid)
     embedding = StoredEmbedding(stored, embedding_dtype(source.tensors[arch.embedding].dtype))
-    head_name = arch.lm_head if not source.tied_embeddings else arch.embedding
     if arch.lm_head in quantized:
         lm_head = DynamicActivationQuantLinear(ctx.quantize(arch.lm_head, grid), None)
-    else:
-        lm_head = nn.Linear(stored.shape[1], stored.shape[0], bias=False).requires_grad_(False)
-        with torch.no_grad():
-            lm_head.weight.copy_(ctx.load(head_name, grid).float())
+    else:  # a tied head is the embedding table already loaded
+        lm_head = float_linear(stored if source.tied_embeddings else ctx.load(arch.lm_head, grid))
     return build_decoder(source, linear, lambda name: ctx.load(name, grid), embedding, lm_head,
                          rotary_parameters(source), max_len)
+
+
+def float_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    """An fp32 ``nn.Linear`` holding ``weight`` (and ``bias``), frozen."""
+    module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    module.weight = nn.Parameter(weight.float(), requires_grad=False)
+    if bias is not None:
+        module.bias = nn.Parameter(bias.float(), requires_grad=False)
+    return module
 
 
 def runner_metadata(ctx: ExportContext, max_len: int) -> dict:
@@ -216,6 +216,7 @@ def runner_metadata(ctx: ExportContext, max_len: int) -> dict:
     return {"get_max_seq_len": max_len, "get_max_context_len": max_len, "get_vocab_size": config["vocab_size"],
             "get_bos_id": bos if bos is not None else -1, "get_eos_ids": eos_ids, "get_n_layers": ctx.source.n_layers,
             "use_kv_cache": True, "use_sdpa_with_kv_cache": False, "enable_dynamic_shape": True}
+
 
 def replace_module(model: nn.Module, tensor_name: str, module: nn.Module) -> None:
     """Put ``module`` where the module owning ``tensor_name`` (e.g. ``model.layers.0.mlp.up_proj.weight``) is."""

@@ -144,10 +144,13 @@ def fused_experts_split(path: Path) -> Iterator[None]:
     per-expert quantized linears; gptqmodel's defuser patches the model classes and the checkpoint name
     mapping so that experts load one linear each (what ``GPTQModel.load`` does too). The patch is global to
     the process, so what it replaced is put back on exit: models built later (quantkit's own streamed passes,
-    a user's) are transformers' own again. A no-op for dense models."""
-    from quantkit.model import ModelSource
+    a user's) are transformers' own again. A no-op for dense models and unquantized folders (config.json
+    alone decides: nothing else of the folder is read)."""
+    from quantkit.arch import ARCHITECTURES
 
-    if ModelSource(path).arch.experts is None:
+    config = json.loads((path / "config.json").read_text())
+    families = [ARCHITECTURES[n] for n in config.get("architectures") or [] if n in ARCHITECTURES]
+    if "quantization_config" not in config or not any(f.experts for f in families):
         yield
         return
     import importlib
@@ -156,7 +159,7 @@ def fused_experts_split(path: Path) -> Iterator[None]:
     from defuser.model_registry import MODEL_CONFIG, PATCH
     from transformers import conversion_mapping, modeling_utils
 
-    model_type = json.loads((path / "config.json").read_text())["model_type"]
+    model_type = config["model_type"]
     patched = [(conversion_mapping, "get_checkpoint_conversion_mapping"),
                (modeling_utils, "get_checkpoint_conversion_mapping")]
     for original, _ in MODEL_CONFIG.get(model_type, {}).get(PATCH.REPLACE_MODULE, []):

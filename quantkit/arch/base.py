@@ -54,7 +54,7 @@ class FoldPoint:
 class Experts:
     """A mixture-of-experts MLP as the checkpoint stores it: a router (kept in float) and, per expert, its own
     gate, up and down linears (``{module}.experts.{e}.{gate}``). The module that runs them in memory is
-    quantkit's (``quantkit.arch.moe.ExpertLinears``), so each expert's linears are ordinary modules that the
+    quantkit's (``quantkit.arch.moe.SparseMoe``), so each expert's linears are ordinary modules that the
     methods calibrate on the tokens routed to them."""
 
     module: str  # block-relative MoE module, e.g. "block_sparse_moe"
