@@ -1,5 +1,8 @@
-"""The same inputs give the same bytes: two ship processes with different hash seeds write byte-identical
-artifacts (GPTQ's layer-by-layer pass included) and manifests equal apart from times and paths."""
+"""The same inputs give the same bytes: two ship processes with different hash seeds and thread counts write
+byte-identical artifacts (GPTQ's layer-by-layer pass included) and manifests equal apart from times and paths.
+
+The thread counts differ on purpose: MKL's Cholesky changes its low bits with them, and its dynamic threading
+can change the count between two runs on a busy machine (a CI run once got different GGUF bytes that way)."""
 
 import json
 import os
@@ -9,8 +12,8 @@ import sys
 TIMES = ("created", "seconds")
 
 
-def ship(out, seed: str) -> dict:
-    env = {**os.environ, "PYTHONHASHSEED": seed}
+def ship(out, seed: str, threads: str) -> dict:
+    env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     command = [sys.executable, "-m", "quantkit.cli", "ship", "--method", "gptq", "--targets",
                "gguf:Q4_K_M,hf-gptq,onnx", "--calib-samples", "4", "--seq-len", "128", "--no-verify",
                "--out", str(out), "--quiet"]
@@ -26,8 +29,8 @@ def without_times(value):
     return value
 
 
-def test_two_processes_with_different_hash_seeds_write_the_same_bytes(tmp_path):
-    first, second = ship(tmp_path / "a", "1"), ship(tmp_path / "b", "2")
+def test_two_processes_with_different_hash_seeds_and_threads_write_the_same_bytes(tmp_path):
+    first, second = ship(tmp_path / "a", "1", "2"), ship(tmp_path / "b", "2", "1")
     hashes = [{a["path"]: a["sha256"] for a in m["artifacts"]} for m in (first, second)]
     assert hashes[0] == hashes[1] and len(hashes[0]) == 3
     for manifest in (first, second):

@@ -14,7 +14,9 @@ and are recorded in ``g_idx``.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +51,20 @@ class CholeskyRetryWarning(UserWarning):
     """The Hessian needed more damping than asked for."""
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """MKL's Cholesky gives different low bits on 1 and 2 threads, and under MKL's dynamic threading a busy
+    machine changes the count between runs, so the same inputs would give different bytes. On one thread
+    the factor is the same in every process (about 1.7x slower on 2 cores; matrix products, which do not
+    depend on the thread count, keep all threads)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of the damped inverse Hessian; retries with 10x damping on failure."""
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
@@ -56,8 +72,9 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp_percent: float) -> tuple[
     damp = damp_percent
     while damp <= MAX_DAMP:
         try:
-            lower = torch.linalg.cholesky(hessian + damp * mean_diag * eye)
-            factor = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+            with _one_thread():
+                lower = torch.linalg.cholesky(hessian + damp * mean_diag * eye)
+                factor = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
         except torch.linalg.LinAlgError:
             damp *= 10
             continue
