@@ -2,7 +2,7 @@
 
 Byte-level BPE tokenizers become ``tokenizer.ggml.model = "gpt2"`` with their merges and the
 llama.cpp pre-tokenizer whose split rule matches theirs. Sentencepiece-style BPE tokenizers
-(Llama-2, Mistral v0.1: byte fallback, spaces as "▁") become ``tokenizer.ggml.model = "llama"``:
+(Llama-2, Mistral v0.1, Phi-3, Gemma: byte fallback, spaces as "▁") become ``tokenizer.ggml.model = "llama"``:
 tokens, scores and token types, where llama.cpp merges the adjacent pair whose result scores
 highest, so each token scores minus the rank of the merge that makes it. The pre-tokenizer is
 identified from the tokenizer's own definition; one that matches no known rule is an error rather
@@ -27,6 +27,10 @@ BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 SPM_NORMALIZER = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPM_SPACE},
                                                       {"type": "Replace", "pattern": {"String": " "},
                                                        "content": SPM_SPACE}]}
+# Gemma's tokenizer.json: spaces become "▁" with no prefix added; its Split on " " (Gemma 2/3) never fires,
+# since the normalizer has already replaced every space before the pre-tokenizer runs
+GEMMA_NORMALIZER = {"type": "Replace", "pattern": {"String": " "}, "content": SPM_SPACE}
+GEMMA_SPLIT = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}
 
 # Split regexes of byte-level BPE families -> llama.cpp's name for that pre-tokenizer.
 LLAMA3_REGEX = (
@@ -156,10 +160,12 @@ def space_prefix(spec: dict) -> bool:
         return scheme != "never"
     if pre is None and norm == SPM_NORMALIZER:
         return True
+    if norm == GEMMA_NORMALIZER and pre in (None, GEMMA_SPLIT):
+        return False
     raise QuantkitError(
         f"cannot identify the tokenizer's pre-tokenizer (normalizer {json.dumps(norm)[:80]}, pre_tokenizer "
         f"{json.dumps(pre)[:80]}); quantkit will not write a GGUF whose tokenization may differ. Supported for "
-        "byte-fallback BPE: Metaspace with split false, or Llama-2's Prepend/Replace normalizer"
+        "byte-fallback BPE: Metaspace with split false, Llama-2's Prepend/Replace normalizer or Gemma's Replace"
     )
 
 

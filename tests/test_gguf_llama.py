@@ -375,6 +375,11 @@ SPM_BPE = Path(__file__).parent / "data" / "spm_bpe"  # made by tests/data/make_
 LEGACY_SPACES = {"normalizer": {"type": "Sequence", "normalizers": [
     {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
     "pre_tokenizer": None}
+# Gemma's: spaces become "▁" with no prefix; Gemma 2/3 add a Split on " " that never fires after the normalizer
+GEMMA_SPACES = {"normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+                "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                                  "invert": False}}
+SPACE_RULES = {"normalizer": LEGACY_SPACES, "gemma": GEMMA_SPACES, "gemma-1": {**GEMMA_SPACES, "pre_tokenizer": None}}
 
 
 @pytest.fixture
@@ -393,7 +398,7 @@ def spm_llama(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("spaces", ["metaspace", "normalizer"])
+@pytest.mark.parametrize("spaces", ["metaspace", "normalizer", "gemma", "gemma-1"])
 def test_sentencepiece_bpe_tokenizer_tokenizes_like_hf_in_llama_cpp(spm_llama, tmp_path, spaces):
     import json
 
@@ -402,9 +407,14 @@ def test_sentencepiece_bpe_tokenizer_tokenizes_like_hf_in_llama_cpp(spm_llama, t
 
     if spaces != "metaspace":
         spec = json.loads((spm_llama / "tokenizer.json").read_text())
-        (spm_llama / "tokenizer.json").write_text(json.dumps({**spec, **LEGACY_SPACES}))
+        (spm_llama / "tokenizer.json").write_text(json.dumps({**spec, **SPACE_RULES[spaces]}))
+        # transformers' LlamaTokenizer class sets its own space rules; the generic class runs the file's
+        config = json.loads((spm_llama / "tokenizer_config.json").read_text())
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        (spm_llama / "tokenizer_config.json").write_text(json.dumps(config))
     vocab = gguf_vocab.read_vocab(spm_llama, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-    assert (vocab.model, vocab.pre, vocab.add_space_prefix, vocab.add_bos) == ("llama", "default", True, True)
+    prefix = not spaces.startswith("gemma")  # Gemma adds no "▁" before the text
+    assert (vocab.model, vocab.pre, vocab.add_space_prefix, vocab.add_bos) == ("llama", "default", prefix, True)
     assert (vocab.bos_id, vocab.eos_id, vocab.unk_id) == (1, 2, 0)
     assert vocab.token_types[vocab.tokens.index("<0x0A>")] == gguf_vocab.TOKEN_BYTE
     assert vocab.token_types[:3] == [gguf_vocab.TOKEN_UNKNOWN, gguf_vocab.TOKEN_CONTROL, gguf_vocab.TOKEN_CONTROL]
@@ -418,6 +428,8 @@ def test_sentencepiece_bpe_tokenizer_tokenizes_like_hf_in_llama_cpp(spm_llama, t
             break
     docs += ["tabs\tand\n\n\nthree newlines,  two spaces", "naïve café ünïcode 東京 😀 — “quotes”",
              "digits 1234567890 and 3.14159", "x"]
+    if not prefix:  # no "▁" is prepended, so leading spaces are plain text (see the sentencepiece test for others)
+        docs += [" leading space", "  two leading"]
     check = GGUFTarget("F32").verify_tokenizer(path, ModelSource(spm_llama).tokenizer(), docs)
     assert check["tokens"] > 2000 and check["mismatched_texts"] == 0, check
 
