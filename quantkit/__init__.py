@@ -8,6 +8,12 @@ __version__ = "0.1.0"
 # that a child process imports) must not pay for torch.
 _EXPORTS = {
     "ship": "quantkit.api",
+    "build": "quantkit.builder",
+    "plan": "quantkit.builder",
+    "load_recipe": "quantkit.builder",
+    "BuildResult": "quantkit.builder",
+    "CellResult": "quantkit.builder",
+    "RecipeError": "quantkit.builder",
     "GateFailure": "quantkit.errors",
     "QuantkitError": "quantkit.errors",
     "ArtifactResult": "quantkit.pipeline",
@@ -26,4 +32,5 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = ["ArtifactResult", "GateFailure", "QuantkitError", "Recipe", "ShipResult", "__version__", "ship"]
+__all__ = ["ArtifactResult", "BuildResult", "CellResult", "GateFailure", "QuantkitError", "Recipe", "RecipeError",
+           "ShipResult", "__version__", "build", "load_recipe", "plan", "ship"]

@@ -33,14 +33,25 @@ def ship(
     verbose: bool = False,
     third_party_output: bool = False,
     events: TextIO | None = None,
+    cache: str | Path | bool = False,
     **recipe: object,
 ) -> ShipResult:
     """Run the ship pipeline. ``recipe`` takes the fields of :class:`quantkit.Recipe`
     (method, bits, group_size, scheme, calib, eval, eval_samples, seq_len, max_kld, verify, ...).
     ``verbose`` prints our step messages; ``third_party_output`` lets the libraries quantkit drives print theirs;
-    ``events`` (a text stream) receives JSON Lines progress events."""
+    ``events`` (a text stream) receives JSON Lines progress events; ``cache``: True (the default cache folder)
+    or a folder: unchanged runs are copied back from it and killed GPTQ/AWQ passes resume (see quantkit.cache)."""
     unknown = set(recipe) - RECIPE_FIELDS
     if unknown:
         raise TypeError(f"unknown recipe options {sorted(unknown)}; valid: {sorted(RECIPE_FIELDS)}")
     return _ship(model, targets, out, Recipe(**recipe), overwrite=overwrite, progress=progress, verbose=verbose,
-                 third_party_output=third_party_output, events=events)
+                 third_party_output=third_party_output, events=events, cache=open_cache(cache))
+
+
+def open_cache(cache: str | Path | bool | None):
+    """The API's ``cache=`` argument as a BuildCache: False/None none, True the default folder, else that folder."""
+    if cache is None or cache is False:
+        return None
+    from quantkit.cache import BuildCache
+
+    return BuildCache(None if cache is True else Path(cache))

@@ -1,4 +1,5 @@
-"""Command line: ``quantkit ship``, ``quantkit bench`` (and ``bench compare``) and ``quantkit inspect``.
+"""Command line: ``quantkit ship``, ``quantkit build`` / ``plan`` (recipe files), ``quantkit bench`` (and
+``bench compare``) and ``quantkit inspect``.
 
 Exit codes: 0 success; 1 an artifact was rejected (accuracy gate or tokenizer; it is kept under
 OUT/rejected/); 2 bad input (one line on stderr naming the problem and the fix; nothing written);
@@ -153,6 +154,7 @@ def _add_ship(sub) -> None:
     o.add_argument("--quiet", action="store_true", help="no progress bars or step messages")
     o.add_argument("--verbose", action="store_true",
                    help="let third-party libraries print their warnings and logs (hidden by default)")
+    _add_cache_option(o, default=False)
     b = p.add_argument_group("benchmark (after a successful ship; see quantkit bench --help)")
     b.add_argument("--bench", action="store_true", help="benchmark every accepted artifact on this machine")
     b.add_argument("--bench-json", metavar="FILE", help="with --bench: write its JSON Lines to FILE")
@@ -222,6 +224,26 @@ def _add_bench(sub) -> None:
     _add_bench_options(p, ("--runtime", "--bench-runtime"), ("--device", "--bench-device"))
 
 
+def _add_cache_option(group, default: bool) -> None:
+    state = "on" if default else "off"
+    group.add_argument("--cache", nargs="?", const="", default="" if default else None, metavar="DIR",
+                       help="the build cache (default folder: $QUANTKIT_CACHE or ~/.cache/quantkit/builds): a run "
+                       "whose model files, recipe, calibration/eval text, targets, quantkit source and library "
+                       "versions are unchanged copies its artifacts and manifest back (a cache hit: nothing "
+                       "quantized or evaluated), a damaged entry is rebuilt, and a killed GPTQ/AWQ pass resumes "
+                       f"after its last finished block (default: {state})")
+    group.add_argument("--no-cache", dest="cache", action="store_const", const=None, help="do not use the cache")
+
+
+def _cache(value: str | None):
+    """--cache's value as a BuildCache (None: no cache)."""
+    if value is None:
+        return None
+    from quantkit.cache import BuildCache
+
+    return BuildCache(Path(value) if value else None)
+
+
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="show what an artifact holds (metadata, tensor types, bits per weight)",
                        description="Show an artifact's metadata and tensors with their types and bits per weight: "
@@ -229,6 +251,81 @@ def _add_inspect(sub) -> None:
     p.add_argument("artifact", help="path to a .gguf file or a checkpoint folder")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--tensors", action="store_true", help="list every tensor (default: a summary by type)")
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="run a recipe file's matrix (models x quantization settings x targets)",
+                       description="Run every cell of RECIPE.toml (one ship run per model and [quant.*] table, into "
+                       "OUT/<model>/<quant>/) through the build cache: unchanged cells are copied back, changed "
+                       "ones quantized and checked. Every cell is checked before any works.",
+                       epilog="exit codes: 0 every artifact accepted, 1 an artifact was rejected by its gate, 2 a "
+                       "bad recipe or input (one line naming the file, table and key), 3 an internal or runtime "
+                       "failure.\nsee examples/recipe.toml for the format.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", metavar="RECIPE.toml", help="the recipe file")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: cells one after another here (default); ray: one Ray task per cell, with the "
+                   "recipe's cpus_per_cell / memory_gb_per_cell / gpus_per_cell (pip install 'quantkit[ray]')")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --executor ray: the cluster to join (e.g. ray://head:10001 or auto); default: a local "
+                   "Ray instance started for the build")
+    p.add_argument("--json", action="store_true", help="print each cell's outcome as JSON on stdout")
+    p.add_argument("--events", metavar="FILE", default=None,
+                   help="JSON Lines progress events of every cell (local executor), to FILE or '-' for stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or step messages")
+    p.add_argument("--verbose", action="store_true", help="let third-party libraries print their warnings and logs")
+    p.add_argument("--cache", nargs="?", const="", default="recipe", metavar="DIR",
+                   help="the cache folder (default: the recipe's [build] cache, else $QUANTKIT_CACHE or "
+                   "~/.cache/quantkit/builds)")
+    p.add_argument("--no-cache", dest="cache", action="store_const", const=None, help="build every cell anew")
+    q = sub.add_parser("plan", help="show what quantkit build would run and what is cached, touching nothing",
+                       description="Check every cell of RECIPE.toml as quantkit build would (model, targets, "
+                       "method) and show its output folder, cache key and whether the cache holds it.")
+    q.add_argument("recipe", metavar="RECIPE.toml", help="the recipe file")
+    q.add_argument("--json", action="store_true", help="print the plan as JSON")
+    q.add_argument("--cache", default="recipe", metavar="DIR", help="the cache folder to look in (default: as build)")
+
+
+def _load_build_recipe(args):
+    from dataclasses import replace
+
+    from quantkit.builder import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.cache != "recipe":
+        recipe = replace(recipe, cache=False if args.cache is None else (Path(args.cache) if args.cache else True))
+    return recipe
+
+
+def _run_build(args) -> int:
+    from quantkit.builder import build, result_table
+
+    recipe = _load_build_recipe(args)
+    if args.events == "-" and args.json:
+        raise QuantkitError("--events - and --json both want stdout; give --events a file")
+    stream = sys.stderr if args.json or args.events == "-" else sys.stdout
+
+    def report(cell) -> None:
+        if not args.quiet:
+            print(f"{cell.name}: {'cache hit' if cell.cache_hit else 'built'}, "
+                  f"{'ok' if cell.ok else 'REJECTED artifacts'} -> {cell.out}", file=sys.stderr)
+
+    with _events_stream(args.events) as events:
+        result = build(recipe, executor=args.executor, ray_address=args.ray_address, progress=not args.quiet,
+                       verbose=not args.quiet, events=events, on_cell=report)
+    print(result_table(result), file=stream)
+    if args.json:
+        print(json.dumps([{"cell": c.name, "out": str(c.out), "ok": c.ok, "cache_hit": c.cache_hit, "key": c.key,
+                           "verdicts": c.verdicts} for c in result.cells], indent=2))
+    return result.exit_code
+
+
+def _run_plan(args) -> int:
+    from quantkit.builder import plan, plan_json, plan_table
+
+    planned = plan(_load_build_recipe(args))
+    print(plan_json(planned) if args.json else plan_table(planned))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ship(sub)
     _add_bench(sub)
     _add_inspect(sub)
+    _add_build(sub)
     return parser
 
 
@@ -320,7 +418,8 @@ def _run_ship(args) -> int:
         raise QuantkitError("--events - and --json both want stdout; give --events a file")
     with _events_stream(args.events) as events:
         result = ship(args.model, args.targets, args.out, recipe, overwrite=args.overwrite,
-                      progress=not args.quiet, verbose=not args.quiet, third_party_output=args.verbose, events=events)
+                      progress=not args.quiet, verbose=not args.quiet, third_party_output=args.verbose, events=events,
+                      cache=_cache(args.cache))
     table_stream = sys.stderr if args.json or args.events == "-" else sys.stdout
     print(format_table(result), file=table_stream)
     print(f"wrote {result.out_dir}/manifest.json", file=table_stream)
@@ -452,7 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with third_party_quiet(enabled=not getattr(args, "verbose", False)):
-            runners = {"ship": _run_ship, "bench": _run_bench, "inspect": _run_inspect}
+            runners = {"ship": _run_ship, "bench": _run_bench, "inspect": _run_inspect, "build": _run_build,
+                       "plan": _run_plan}
             return runners[args.command](args)
     except QuantkitError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -49,6 +49,19 @@ class BackgroundHashes:
         self._cancelled.set()
 
 
+class KnownHashes:
+    """``BackgroundHashes``' interface for hashes already computed (e.g. for a build cache's key)."""
+
+    def __init__(self, hashes: dict[str, str]):
+        self._hashes = dict(hashes)
+
+    def result(self) -> dict[str, str]:
+        return dict(self._hashes)
+
+    def cancel(self) -> None:
+        pass
+
+
 def artifact_digest(path: Path) -> tuple[int, str]:
     """Size in bytes and sha256 of a file, or of a folder (over its files' relative paths and hashes)."""
     if path.is_file():

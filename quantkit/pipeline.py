@@ -21,6 +21,7 @@ from typing import TextIO
 import torch
 
 from quantkit import __version__
+from quantkit.cache import BuildCache, CacheHit, folder_sha256, key_of, restore, run_key_inputs
 from quantkit.calibrate import LinearStats, collect_statistics_streamed
 from quantkit.checks import gate_for, score
 from quantkit.data import TokenSamples, load_documents, make_samples
@@ -35,13 +36,14 @@ from quantkit.imatrix import (
     load_imatrix_option,
     write_imatrix,
 )
-from quantkit.manifest import BackgroundHashes, artifact_digest, environment, write_manifest
+from quantkit.manifest import BackgroundHashes, KnownHashes, artifact_digest, environment, write_manifest
 from quantkit.memory import bound_heap_growth
 from quantkit.methods import METHODS, Method, RoundToNearest
 from quantkit.model import ModelSource
 from quantkit.quiet import third_party_quiet
 from quantkit.recipe import Recipe, check_grid_fits, quantized_tensor_names
 from quantkit.reference import Reference
+from quantkit.resume import PassCheckpoint, discard, pass_folder
 from quantkit.sequential import MIN_EXPERT_TOKENS, GridPlan, SequentialResult, quantize_sequential
 from quantkit.streaming import BlockStreamer
 from quantkit.targets import ExportContext, Target, parse_target
@@ -183,8 +185,9 @@ class WeightQuantizer(Quantizer):
 
     def __init__(self, source: ModelSource, method: Method, calib: TokenSamples | None, names: list[str],
                  log: _Log, progress: bool, device: torch.device | None = None, imatrix: str = "none",
-                 imatrix_file: ImportanceMatrix | None = None):
+                 imatrix_file: ImportanceMatrix | None = None, resume: Path | None = None):
         super().__init__(source)
+        self.resume = resume  # where layer-by-layer passes save finished blocks (None: they do not)
         self.method, self.calib, self.log, self.progress = method, calib, log, progress
         self.device = device or torch.device("cpu")
         self.block_names = [n for i in range(source.n_layers) for n in source.arch.linear_weights(i) if n in names]
@@ -232,7 +235,8 @@ class WeightQuantizer(Quantizer):
                                          self.block_names, grid, self.method.quantize_block, self.progress,
                                          label=self.method.name, streamer=streamer,
                                          on_block=lambda i, n: self.log.event("block", grid=grid.name, block=i,
-                                                                              blocks=n))
+                                                                              blocks=n),
+                                         checkpoint=self._checkpoint(grid))
             result.replaced = {n: t.to("cpu") for n, t in result.replaced.items()}
             if result.expert_fallbacks:
                 n = sum(len(v) for v in result.expert_fallbacks.values())
@@ -240,6 +244,16 @@ class WeightQuantizer(Quantizer):
                          "calibrated on every token of their block (GPTQ) or left unscaled and unclipped (AWQ)")
             self._by_grid[grid] = result
         return self._by_grid[grid]
+
+    def _checkpoint(self, grid: Grid | GridPlan) -> PassCheckpoint | None:
+        if self.resume is None:
+            return None
+        checkpoint = PassCheckpoint(pass_folder(self.resume, grid))
+        if checkpoint.last_finished() >= 0:
+            self.log(f"resuming {self.method.name} on {grid.name} after block {checkpoint.last_finished()} "
+                     f"(saved by an earlier run of the same inputs)")
+            self.log.event("resume", grid=grid.name, after_block=checkpoint.last_finished())
+        return checkpoint
 
     @property
     def expert_fallbacks(self) -> dict[str, list[int]]:
@@ -292,17 +306,20 @@ def ship(
     verbose: bool = True,
     third_party_output: bool = False,
     events: TextIO | None = None,
+    cache: BuildCache | None = None,
 ) -> ShipResult:
     """Quantize ``model`` for each target, check each artifact in its runtime, write a manifest.
 
     ``verbose``: our step messages; ``third_party_output``: let the libraries we drive print their warnings,
     logs and banners (hidden by default); ``events``: a text stream that gets JSON Lines progress events
-    (schema quantkit.events/1: start, stage, block, artifact, done)."""
+    (schema quantkit.events/1: start, cache, stage, block, resume, artifact, done); ``cache``: a build cache
+    (quantkit.cache) that an unchanged run is copied back from, and where an unfinished layer-by-layer pass
+    is resumed from."""
     bound_heap_growth()
     log = _Log(verbose, events)
     with third_party_quiet(enabled=not third_party_output):
         try:
-            result = _ship(model, targets, out, recipe, overwrite, progress, log)
+            result = _ship(model, targets, out, recipe, overwrite, progress, log, cache)
         except Exception as exc:
             log.event("failed", error=type(exc).__name__, message=str(exc).splitlines()[0] if str(exc) else "")
             raise
@@ -311,8 +328,23 @@ def ship(
     return result
 
 
-def _ship(model, targets, out, recipe: Recipe | None, overwrite: bool, progress: bool, log: _Log) -> ShipResult:
-    started = time.time()
+@dataclass
+class Preflight:
+    """A run checked before any work: its model, targets, context and method, or a QuantkitError."""
+
+    recipe: Recipe
+    source: ModelSource
+    targets: list[Target]
+    ctx: ExportContext
+    method: Method
+
+    @property
+    def target_names(self) -> list[str]:
+        return [t.name for t in self.targets]
+
+
+def preflight(model, targets: Sequence[str], recipe: Recipe | None = None, progress: bool = False) -> Preflight:
+    """Everything ``ship`` checks before it starts working (and ``quantkit plan`` checks for each cell)."""
     recipe = recipe or Recipe()
     recipe.validate()
     parsed = [parse_target(t) for t in targets]
@@ -323,8 +355,6 @@ def _ship(model, targets, out, recipe: Recipe | None, overwrite: bool, progress:
     names = [t.name for t in parsed]
     if len(set(names)) != len(names):
         raise QuantkitError(f"a target is listed twice in {', '.join(names)}; list each once")
-    log.event("start", model=str(model) if model else "embedded", targets=names, method=recipe.method)
-
     source = ModelSource(model)
     quantized = quantized_tensor_names(source, recipe)
     int_targets = [t.name for t in parsed if isinstance(t.grid(recipe), IntGrid)]
@@ -339,15 +369,37 @@ def _ship(model, targets, out, recipe: Recipe | None, overwrite: bool, progress:
         reason = grid and method.unsupported(grid)
         if reason:
             raise QuantkitError(f"--method {recipe.method} with {target.name}: {reason}; use --method rtn or awq")
+    return Preflight(recipe, source, parsed, ctx, method)
+
+
+def _ship(model, targets, out, recipe: Recipe | None, overwrite: bool, progress: bool, log: _Log,
+          cache: BuildCache | None = None) -> ShipResult:
+    started = time.time()
+    checked = preflight(model, targets, recipe, progress)
+    recipe, source, parsed, ctx, method = checked.recipe, checked.source, checked.targets, checked.ctx, checked.method
+    names = checked.target_names
+    log.event("start", model=str(model) if model else "embedded", targets=names, method=recipe.method)
     out = Path(out)
     extra = [GGUF_FILENAME] if recipe.imatrix == "calib" else []
-    with _output_lock(out):
+    key = CacheKey.of(cache, source, recipe, names) if cache is not None else None
+    with _output_lock(out), (cache.lock(key.key) if key else contextlib.nullcontext()):
         tmp = _prepare_output(out, [t.filename() for t in parsed] + extra, overwrite)
+        hit = key.lookup(log) if key else None
+        if hit is not None:
+            try:
+                result = _restored(hit, tmp, out)
+                _move_into_place(tmp, out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return result
         scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))  # never moved into --out
-        weight_hashes = source.weight_sha256_in_background()  # for the manifest, while the run works
+        # the manifest's weight hashes: known already under a cache, else read while the run works
+        weight_hashes = key.weight_hashes(source) if key else source.weight_sha256_in_background()
         try:
             result = _run(source, recipe, method, parsed, ctx, tmp, scratch, out, log, progress, started,
-                          weight_hashes)
+                          weight_hashes, key)
+            if key:
+                key.store(tmp)
             _move_into_place(tmp, out)
         finally:
             weight_hashes.cancel()  # after a failure: stop reading the checkpoint (a no-op once finished)
@@ -356,9 +408,60 @@ def _ship(model, targets, out, recipe: Recipe | None, overwrite: bool, progress:
     return result
 
 
+@dataclass
+class CacheKey:
+    """A run's key in a build cache, and what the run does with it."""
+
+    cache: BuildCache
+    key: str
+    inputs: dict
+
+    @classmethod
+    def of(cls, cache: BuildCache, source: ModelSource, recipe: Recipe, targets: list[str]) -> CacheKey:
+        model_files = folder_sha256(source.path, cache.file_hashes)
+        inputs = run_key_inputs(model_files, recipe.to_dict(), targets, cache.file_hashes)
+        cache.file_hashes.save()
+        return cls(cache, key_of(inputs), inputs)
+
+    def lookup(self, log: _Log) -> CacheHit | None:
+        hit, damaged = self.cache.lookup(self.key)
+        if damaged:
+            log(f"cache entry {self.key[:12]} is damaged ({damaged}); removed, rebuilding")
+        log.event("cache", key=self.key, hit=hit is not None, damaged=damaged)
+        if hit:
+            log(f"cache hit {self.key[:12]}: copying the artifacts and manifest of an identical earlier run "
+                f"from {self.cache.root} (nothing quantized or evaluated)")
+        return hit
+
+    def weight_hashes(self, source: ModelSource) -> KnownHashes:
+        files = self.inputs["model"]
+        return KnownHashes({f.name: files[f.relative_to(source.path).as_posix()] for f in source.weight_files})
+
+    @property
+    def resume(self) -> Path:
+        return self.cache.resume_dir(self.key)
+
+    def manifest_entry(self) -> dict:
+        return {"key": self.key, "hit": False}
+
+    def store(self, tmp: Path) -> None:
+        self.cache.store(self.key, tmp, sorted(p.name for p in tmp.iterdir()), self.inputs)
+        discard(self.resume)
+
+
+def _restored(hit: CacheHit, tmp: Path, out: Path) -> ShipResult:
+    """A cache entry copied into the run's temporary folder; its manifest says it came from the cache."""
+    restore(hit, tmp)
+    manifest = json.loads((tmp / "manifest.json").read_text())
+    manifest["cache"] = {"key": hit.key, "hit": True}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    artifacts = [ArtifactResult(**a) for a in manifest["artifacts"]]
+    return ShipResult(out_dir=out, manifest=manifest, artifacts=artifacts, reference=manifest.get("reference") or {})
+
+
 def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Target], ctx: ExportContext, tmp: Path,
          scratch: Path, out: Path, log: _Log, progress: bool, started: float,
-         weight_hashes: BackgroundHashes) -> ShipResult:
+         weight_hashes: BackgroundHashes | KnownHashes, key: CacheKey | None = None) -> ShipResult:
     log(f"model: {source.path} ({source.arch.hf_class}, {source.parameter_count / 1e6:.1f}M parameters)")
     imatrix_file = load_imatrix_option(recipe.imatrix, source, ctx.quantized_names)  # a bad file fails first
     needs_calibration = method.needs_statistics or recipe.imatrix == "calib"
@@ -371,7 +474,7 @@ def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Targ
         calibration = {"source": calib.source, "samples": calib.ids.shape[0], "seq_len": recipe.seq_len,
                        "tokens": calib.n_tokens, "ids_sha256": calib.sha256}
     quantizer = WeightQuantizer(source, method, calib, ctx.quantized_names, log, progress, recipe.torch_device(),
-                                recipe.imatrix, imatrix_file)
+                                recipe.imatrix, imatrix_file, resume=key.resume if key else None)
     ctx = replace(ctx, quantizer=quantizer)  # the validated context, now with the run's weights
     reference = None
     if recipe.verify:
@@ -407,6 +510,7 @@ def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Targ
         artifacts=artifacts,
         environment=environment(),
         seconds=round(time.time() - started, 1),
+        **({"cache": key.manifest_entry()} if key else {}),
     )
     return result
 

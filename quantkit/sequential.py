@@ -19,6 +19,7 @@ from tqdm import tqdm
 from quantkit.arch import Architecture
 from quantkit.calibrate import LinearStats
 from quantkit.grids import Grid, QuantizedWeight
+from quantkit.resume import PassCheckpoint
 
 BlockInputs = list[tuple[tuple, dict]]  # the (args, kwargs) of one block call per calibration row
 
@@ -244,14 +245,16 @@ BlockFn = Callable[[BlockJob], SequentialResult]
 def quantize_sequential(model: nn.Module, arch: Architecture, calib_ids: torch.Tensor, names: Iterable[str],
                         grid: Grid | GridPlan, quantize_block: BlockFn, progress: bool = False,
                         label: str = "quantize", streamer=None,
-                        on_block: Callable[[int, int], None] | None = None) -> SequentialResult:
+                        on_block: Callable[[int, int], None] | None = None,
+                        checkpoint: PassCheckpoint | None = None) -> SequentialResult:
     """Quantize the block linears listed in ``names`` on ``grid`` (or each on its grid of a
     ``GridPlan``); ``model`` is modified in place.
 
     ``quantize_block`` gets each block with the inputs it receives from the already-quantized blocks
     before it, must leave the block holding its dequantized weights, and returns block-relative names.
     With a ``streamer`` (quantkit.streaming.BlockStreamer) each block is read from the checkpoint just
-    before its turn and dropped after it, so one block is in memory at a time.
+    before its turn and dropped after it, so one block is in memory at a time. With a ``checkpoint``
+    each finished block is saved, and a pass that finds saved blocks continues after the last of them.
     """
     wanted = set(names)
     plan = grid if isinstance(grid, GridPlan) else GridPlan(grid)
@@ -259,8 +262,14 @@ def quantize_sequential(model: nn.Module, arch: Architecture, calib_ids: torch.T
     calls = capture_block_calls(model, blocks, calib_ids)
     hidden = calls.first_inputs
     result = SequentialResult()
-    for index in tqdm(range(len(blocks)), desc=f"{label} {plan.name}", unit="block", disable=not progress,
-                      leave=False):
+    start = 0
+    if checkpoint is not None and checkpoint.last_finished() >= 0:
+        done, hidden = checkpoint.load(checkpoint.last_finished())
+        for index, saved in enumerate(done):
+            _merge(result, index, saved)
+        start = len(done)
+    for index in tqdm(range(start, len(blocks)), desc=f"{label} {plan.name}", unit="block", disable=not progress,
+                      leave=False, initial=start, total=len(blocks)):
         block = streamer.load_block(index) if streamer else blocks[index]
         prefix = arch.block(index)
         members = [n for n in arch.linears if f"{prefix}{n}.weight" in wanted]
@@ -269,14 +278,24 @@ def quantize_sequential(model: nn.Module, arch: Architecture, calib_ids: torch.T
                        {n: g for n, g in grids.items() if g != plan.default})
         block_result = quantize_block(job)
         # narrow codes while the rest of the model is quantized: int32 would hold 4 bytes per weight
-        result.quantized.update({f"{prefix}{n}.weight": qw.to("cpu").compact()
-                                 for n, qw in block_result.quantized.items()})
-        result.replaced.update({f"{prefix}{n}": t for n, t in block_result.replaced.items()})
-        if job.fallbacks:
-            result.expert_fallbacks[index] = sorted(job.fallbacks)
+        saved = {"quantized": {f"{prefix}{n}.weight": qw.to("cpu").compact()
+                               for n, qw in block_result.quantized.items()},
+                 "replaced": {f"{prefix}{n}": t.to("cpu") for n, t in block_result.replaced.items()},
+                 "fallbacks": sorted(job.fallbacks)}
+        _merge(result, index, saved)
         hidden = job.run()
         if streamer:
             streamer.release_block(index)
+        if checkpoint is not None:
+            checkpoint.save(index, saved, hidden)
         if on_block:
             on_block(index, len(blocks))
     return result
+
+
+def _merge(result: SequentialResult, index: int, block: dict) -> None:
+    """Add one block's results (as ``quantize_sequential`` saves them) to the pass's."""
+    result.quantized.update(block["quantized"])
+    result.replaced.update(block["replaced"])
+    if block["fallbacks"]:
+        result.expert_fallbacks[index] = block["fallbacks"]
