@@ -121,6 +121,14 @@ def _add_ship(sub) -> None:
                    help="GGUF: type of token_embd.weight (e.g. Q8_0, F16), before any other rule")
     q.add_argument("--output-tensor-type", metavar="TYPE",
                    help="GGUF: type of output.weight (and of a tied token embedding), before any other rule")
+    q.add_argument("--target-bpw", type=float, default=None, metavar="B",
+                   help="GGUF: mixed precision under a budget of B bits per weight (over all the file's tensors, "
+                   "as llama.cpp reports it): each block matrix gets the type among Q2_K ... Q8_0 and IQ4_XS / "
+                   "IQ4_NL that minimises the predicted loss (activation-weighted rounding error, measured per "
+                   "type on the --calib text) within the budget; the file type's embedding, output and norms stay "
+                   "as they are. A budget the candidates cannot reach is refused with the reachable range")
+    q.add_argument("--max-size", default=None, metavar="SIZE",
+                   help="GGUF: the same with a file size budget: bytes or a number with a unit (90MB, 1.5GiB)")
     d = p.add_argument_group("data")
     d.add_argument("--calib", default="builtin",
                    help="calibration text: 'builtin' (stdlib split), a .txt/.jsonl file or a folder (default: builtin)")
@@ -412,7 +420,7 @@ def _run_ship(args) -> int:
         token_embedding_type=args.token_embedding_type, output_tensor_type=args.output_tensor_type,
         calib=args.calib, calib_samples=args.calib_samples, imatrix=args.imatrix, eval=args.eval,
         eval_samples=args.eval_samples, seq_len=args.seq_len, max_ppl_increase_pct=args.max_ppl_increase,
-        max_kld=args.max_kld, min_top1=args.min_top1,
+        max_kld=args.max_kld, min_top1=args.min_top1, target_bpw=args.target_bpw, max_size=args.max_size,
     )
     if args.events == "-" and args.json:
         raise QuantkitError("--events - and --json both want stdout; give --events a file")

@@ -71,6 +71,7 @@ class ArtifactResult:
     seconds: dict
     notes: list[str] = field(default_factory=list)
     remedies: list[str] = field(default_factory=list)  # what to try when rejected
+    budget: dict | None = None  # GGUF under --target-bpw / --max-size: allocation and predicted loss
 
     @property
     def accepted(self) -> bool:
@@ -194,6 +195,7 @@ class WeightQuantizer(Quantizer):
         self._stats: dict[str, LinearStats] | None = None
         self._by_grid: dict[Grid | GridPlan, SequentialResult] = {}
         self.imatrix_option, self.imatrix = imatrix, imatrix_file  # "calib": collected on first use
+        self._prediction_imatrix: ImportanceMatrix | None = None  # for budgets in runs without an imatrix
         self._gguf_names = gguf_weight_names(source.arch, source.n_layers)
 
     def rounding(self, name: str, grid: Grid) -> Rounding | None:
@@ -264,18 +266,35 @@ class WeightQuantizer(Quantizer):
                 found.setdefault(str(block), set()).update(experts)
         return {block: sorted(experts) for block, experts in sorted(found.items(), key=lambda kv: int(kv[0]))}
 
+    def importance(self, name: str) -> torch.Tensor | None:
+        """The run's importance matrix entry for ``name``; runs without one (GPTQ, AWQ, plain RTN under a
+        budget) collect one from the calibration text on first use, for predictions only (rounding is unchanged)."""
+        imatrix = self.importance_matrix() if self.imatrix_option != "none" else self._predicting_imatrix()
+        if imatrix is None:
+            return None
+        return importance_for(imatrix, self._gguf_names.get(name, name), self.source.tensors[name].shape[1],
+                              self.imatrix_option)
+
+    def _predicting_imatrix(self) -> ImportanceMatrix | None:
+        if self._prediction_imatrix is None and self.calib is not None:
+            self._prediction_imatrix = self._collect_imatrix()
+        return self._prediction_imatrix
+
+    def _collect_imatrix(self) -> ImportanceMatrix:
+        self.log.event("stage", stage="importance matrix", tokens=self.calib.n_tokens)
+        self.log(f"importance matrix over {self.calib.n_tokens} calibration tokens")
+        linears = [n for i in range(self.source.n_layers) for n in self.source.arch.linear_weights(i)]
+        if not self.source.tied_embeddings:
+            linears.append(self.source.arch.lm_head)  # output.weight is weighted too when a mix quantizes it
+        stats = collect_statistics_streamed(self.source, self.calib, linears, self.progress, gram=False)
+        return from_statistics(stats, self._gguf_names, self.calib.source, self.calib.ids.shape[1],
+                               self.calib.ids.shape[0])
+
     def importance_matrix(self) -> ImportanceMatrix | None:
         """The run's importance matrix: the file's, or collected from the calibration text on first use
         (per-channel sums of squares only, by the same hooks as the other methods' statistics)."""
         if self.imatrix is None and self.imatrix_option == "calib":
-            self.log.event("stage", stage="importance matrix", tokens=self.calib.n_tokens)
-            self.log(f"importance matrix over {self.calib.n_tokens} calibration tokens")
-            linears = [n for i in range(self.source.n_layers) for n in self.source.arch.linear_weights(i)]
-            if not self.source.tied_embeddings:
-                linears.append(self.source.arch.lm_head)  # output.weight is weighted too when a mix quantizes it
-            stats = collect_statistics_streamed(self.source, self.calib, linears, self.progress, gram=False)
-            self.imatrix = from_statistics(stats, self._gguf_names, self.calib.source, self.calib.ids.shape[1],
-                                           self.calib.ids.shape[0])
+            self.imatrix = self._collect_imatrix()
         return self.imatrix
 
     def _statistics(self) -> dict[str, LinearStats]:
@@ -464,7 +483,7 @@ def _run(source: ModelSource, recipe: Recipe, method: Method, targets: list[Targ
          weight_hashes: BackgroundHashes | KnownHashes, key: CacheKey | None = None) -> ShipResult:
     log(f"model: {source.path} ({source.arch.hf_class}, {source.parameter_count / 1e6:.1f}M parameters)")
     imatrix_file = load_imatrix_option(recipe.imatrix, source, ctx.quantized_names)  # a bad file fails first
-    needs_calibration = method.needs_statistics or recipe.imatrix == "calib"
+    needs_calibration = method.needs_statistics or recipe.imatrix == "calib" or recipe.budgeted
     tokenizer = source.tokenizer() if recipe.verify or needs_calibration else None
     samples = make_samples(tokenizer, recipe.eval, "eval", recipe.eval_samples, recipe.seq_len) \
         if recipe.verify else None
@@ -572,6 +591,7 @@ def _ship_one(target: Target, ctx: ExportContext, tmp: Path, check: Check | None
         tokenizer_check=tokenizer_check,
         seconds={"export": round(t1 - t0, 2), "verify": round(t2 - t1, 2)},
         notes=list(report.notes),
+        budget=report.budget,
         remedies=target.remedies(ctx.recipe) if failures else [],
     )
 

@@ -54,6 +54,9 @@ class Recipe:
     max_ppl_increase_pct: float | None = None
     max_kld: float | None = None
     min_top1: float | None = None
+    # GGUF mixed precision under a budget: per-matrix types chosen by predicted loss (quantkit.budget)
+    target_bpw: float | None = None  # bits per weight over the file's tensors, as llama.cpp reports it
+    max_size: str | None = None  # file size: bytes or a number with a unit (90MB, 1.5GiB)
     verify: bool = True  # False (--no-verify): export only; no reference, no runtime, no gate
     # accept artifacts whose runtime tokenizes differently from tokenizer.json (recorded in the manifest)
     allow_tokenizer_mismatch: bool = False
@@ -88,6 +91,7 @@ class Recipe:
             raise QuantkitError("--seq-len must be >= 2 and sample counts >= 1")
         self._validate_imatrix()
         self._validate_gguf_types()
+        self._validate_budget()
         self.parsed_method_options()  # keys and types, for every method (rtn takes none)
         METHODS[self.method].from_recipe(self)  # the method's own config checks (values of --method-option)
 
@@ -101,6 +105,24 @@ class Recipe:
                               ("--output-tensor-type", self.output_tensor_type)):
             if value is not None:
                 override_type(value, option)
+
+    def _validate_budget(self) -> None:
+        from quantkit.budget import parse_size
+
+        if self.target_bpw is not None and self.max_size is not None:
+            raise QuantkitError("--target-bpw and --max-size both set a budget; give one")
+        if self.target_bpw is not None and not 1.5 <= self.target_bpw <= 16:
+            raise QuantkitError(f"--target-bpw {self.target_bpw} is out of range; use 1.5 to 16 bits per weight")
+        if self.max_size is not None and parse_size(self.max_size) <= 0:
+            raise QuantkitError(f"--max-size {self.max_size!r} must be a positive size")
+
+    @property
+    def budgeted(self) -> bool:
+        return self.target_bpw is not None or self.max_size is not None
+
+    def budget_label(self) -> str:
+        """How a budgeted artifact's name says its budget: 4.20bpw or 90MB."""
+        return f"{self.target_bpw:.2f}bpw" if self.target_bpw is not None else str(self.max_size).replace(" ", "")
 
     def _validate_imatrix(self) -> None:
         if self.imatrix == "none":

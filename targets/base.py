@@ -49,6 +49,11 @@ class Quantizer:
         """A float tensor the method rescaled for ``grid`` (AWQ folds scales into norms), or None."""
         return None
 
+    def importance(self, name: str) -> torch.Tensor | None:
+        """``E[x_j^2]`` of ``name``'s input channels (an importance matrix's entry), for predicting what rounding
+        it costs; None when the run has no calibration data."""
+        return None
+
     def load(self, name: str, grid: Grid | None, plan: GridPlan | None = None) -> torch.Tensor:
         """A float tensor of the artifact for ``grid``: the method's rescaled one, or the source's."""
         replaced = self.replaced(name, grid, plan)
@@ -72,6 +77,11 @@ class ExportContext:
     def quantize(self, name: str, grid: Grid, plan: GridPlan | None = None) -> QuantizedWeight:
         return self.quantizer.quantize(name, grid, plan)
 
+    def importance(self, name: str) -> torch.Tensor | None:
+        """``E[x_j^2]`` of ``name``'s input channels (an importance matrix's entry), for predicting what rounding
+        it costs; None when the run has no calibration data."""
+        return None
+
     def load(self, name: str, grid: Grid | None, plan: GridPlan | None = None) -> torch.Tensor:
         return self.quantizer.load(name, grid, plan)
 
@@ -83,6 +93,7 @@ class ExportReport:
 
     notes: tuple[str, ...] = ()
     bits_per_weight: float | None = None
+    budget: dict | None = None  # a budgeted file's allocation, predicted loss and plot (quantkit.budget)
 
 
 class Target(ABC):

@@ -28,6 +28,7 @@ from quantkit.llamacpp import without_extra_buffer_types
 from quantkit.model import ROW_CHUNK_BYTES, ModelSource
 from quantkit.recipe import Recipe
 from quantkit.sequential import GridPlan
+from quantkit.targets import gguf_budget
 from quantkit.targets.base import ExportContext, ExportReport, Target
 from quantkit.targets.gguf_mixes import (
     ModelFacts,
@@ -160,7 +161,10 @@ class GGUFTarget(Target):
         # aliases resolve to llama.cpp's file type (gguf:Q4_K is Q4_K_M, as in llama-quantize)
         self.file_type = resolve(option or "Q8_0")
         super().__init__(self.file_type.name)
-        self._notes: list[str] = []
+        self._budget_label: str | None = None  # set by configure for --target-bpw / --max-size runs
+
+    def configure(self, recipe: Recipe) -> None:
+        self._budget_label = recipe.budget_label() if recipe.budgeted else None
 
     @property
     def type_name(self) -> str:
@@ -175,7 +179,10 @@ class GGUFTarget(Target):
         return grid.bits_per_weight() if grid else FLOAT_BITS[self.type_name]
 
     def filename(self) -> str:
-        return f"model-{self.type_name}.gguf"
+        """``model-Q4_K_M.gguf``; under a budget ``model-Q4_K_M-4.20bpw.gguf`` (the file type's fixed tensors,
+        budgeted block matrices)."""
+        suffix = f"-{self._budget_label}" if self._budget_label else ""
+        return f"model-{self.type_name}{suffix}.gguf"
 
     def runtime(self) -> dict:
         try:
@@ -258,6 +265,39 @@ class GGUFTarget(Target):
                                 f"matrices ({needing[0]}, ...) only from one; pass --imatrix or use gguf:Q2_K")
         ctx.source.arch.check_gguf(ctx.source.config)
         read_vocab(ctx.source.path, _tokenizer_config(ctx.source.path), _embedding_rows(ctx.source))
+        if ctx.recipe.budgeted:
+            if chooser is None:
+                raise QuantkitError(f"a size budget chooses quantized types; {self.name} is a float file, so use a "
+                                    "quantized file type (e.g. gguf:Q4_K_M) with --target-bpw / --max-size")
+            self._budget_frame(plan, ctx.source).check(ctx.recipe, self.name)
+
+    def _budget_frame(self, plan: GGUFPlan, source: ModelSource) -> gguf_budget.BudgetFrame:
+        return gguf_budget.frame(plan, self._block_linears(plan, source), self._header_bytes(source, plan))
+
+    def _header_bytes(self, source: ModelSource, plan: GGUFPlan) -> int:
+        """Bytes before the tensor data (metadata and tensor infos do not depend on the tensors' types)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="quantkit-gguf-header-") as folder:
+            writer = self._header(Path(folder) / "header.gguf", source, plan)
+            size = writer.fout[0].tell()
+            writer.close()
+        return -(-size // writer.data_alignment) * writer.data_alignment
+
+    def _header(self, path: Path, source: ModelSource, plan: GGUFPlan) -> Writer:
+        """A writer with the header, metadata and tensor infos of ``plan`` written to ``path``."""
+        writer = Writer(str(path), arch=source.arch.gguf_arch)
+        self._write_metadata(writer, source)
+        for t in plan:
+            if t.ggml_type in (GGMLType.F32, GGMLType.F16):
+                np_dtype = np.float32 if t.ggml_type == GGMLType.F32 else np.float16
+                writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np_dtype), t.nbytes())
+            else:
+                writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes(), raw_dtype=t.ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        return writer
 
     @staticmethod
     def _block_linears(plan: GGUFPlan, source: ModelSource) -> list[PlannedTensor]:
@@ -277,22 +317,25 @@ class GGUFTarget(Target):
         chunks: read, rounded (or taken from the method's result) and written before the next chunk."""
         source = ctx.source
         plan = self.plan(source, ctx.recipe)
-        writer = Writer(str(path), arch=source.arch.gguf_arch)
-        self._write_metadata(writer, source)
-        for t in plan:
-            if t.ggml_type in (GGMLType.F32, GGMLType.F16):
-                np_dtype = np.float32 if t.ggml_type == GGMLType.F32 else np.float16
-                writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np_dtype), t.nbytes())
-            else:
-                writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes(), raw_dtype=t.ggml_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+        budget = None
+        if ctx.recipe.budgeted:
+            plan, budget = self._budgeted(plan, ctx, path)
+        writer = self._header(path, source, plan)
         grids = self._grid_plan(plan, ctx)
         for t in tqdm(plan, desc=f"write {path.name}", unit="tensor", disable=not ctx.progress, leave=False):
             _write_tensor_chunks(writer, t.nbytes(), self._tensor_chunks(ctx, t, grids))
         writer.close()
-        return ExportReport(plan.notes)
+        if budget is None:
+            return ExportReport(plan.notes)
+        return ExportReport(plan.notes, bits_per_weight=budget["bits_per_weight"], budget=budget)
+
+    def _budgeted(self, plan: GGUFPlan, ctx: ExportContext, path: Path) -> tuple[GGUFPlan, dict]:
+        """The plan with the budget's types for the block matrices; the manifest entry; the sensitivity plot."""
+        frame = self._budget_frame(plan, ctx.source)
+        plan, allocation = gguf_budget.allocate_plan(plan, frame, ctx.recipe, ctx.quantizer, ctx.source, ctx.progress)
+        plot = gguf_budget.plot_sensitivity(allocation, ctx.source.n_layers, path.with_suffix(".budget.png"))
+        note, entry = gguf_budget.report(allocation, frame, ctx.recipe, plot)
+        return replace(plan, notes=(*plan.notes, note)), entry
 
     def _tensor_chunks(self, ctx: ExportContext, t: PlannedTensor, grids: GridPlan | None) -> Iterator[np.ndarray]:
         """The tensor's bytes in row chunks, rows in llama.cpp's rope layout where it needs one; a stack of

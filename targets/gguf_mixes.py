@@ -74,6 +74,15 @@ def _with_imatrix(rule: LayerRule) -> LayerRule:
     return lambda i, m: rule(i, m) if m.imatrix else None
 
 
+def _without_imatrix(rule: LayerRule) -> LayerRule:
+    return lambda i, m: None if m.imatrix else rule(i, m)
+
+
+# IQ4_NL / IQ4_XS: attn_v in Q5_K for 4+ query heads per KV head; the first eighth of ffn_down in Q5_K
+# unless an importance matrix guides the non-linear grid
+IQ4_RULES: dict[str, LayerRule] = {"attn_v": _gqa4("Q5_K"), "ffn_down": _without_imatrix(_first_eighth("Q5_K"))}
+
+
 @dataclass(frozen=True)
 class FileType:
     name: str
@@ -112,6 +121,8 @@ FILE_TYPES: dict[str, FileType] = {t.name: t for t in (
                                   "attn_output": _always("Q3_K")}),
     FileType("Q2_K_S", "Q2_K", 21, {"attn_v": _gqa4("Q4_K"), "ffn_down": _first_eighth("Q4_K")},
              needs_imatrix=True),
+    FileType("IQ4_NL", "IQ4_NL", 25, IQ4_RULES),
+    FileType("IQ4_XS", "IQ4_XS", 30, IQ4_RULES),
 )}
 
 
@@ -134,7 +145,7 @@ SAME_RULES_AS = {"attn_qkv": "attn_v", "ffn_down_exps": "ffn_down", "ffn_gate_ex
 # llama.cpp's rules for models of exactly 8 experts (Mixtral-8x7B's size, where attention is a small part of
 # the file): attn_v and attn_k in Q8_0 whatever the file type, attn_output in Q5_K for these file types (and
 # the dense attn_output rules do not apply)
-EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M")
+EIGHT_EXPERTS_ATTN_OUTPUT_Q5_K = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_NL", "IQ4_XS")
 
 
 def role(gguf_name: str) -> str:

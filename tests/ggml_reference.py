@@ -9,8 +9,6 @@ runs to turn blocks into floats.
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 
 from quantkit.grids import ggml_lib
@@ -26,10 +24,4 @@ def ggml_quantize(type_name: str, weight: np.ndarray, imatrix: np.ndarray | None
 def ggml_dequantize(type_name: str, raw: np.ndarray, n_per_row: int) -> np.ndarray:
     """ggml's own decode (``dequantize_row_*``, what llama.cpp runs to turn blocks into floats) of rows of
     raw blocks ``(rows, row_bytes)`` uint8; returns ``(rows, n_per_row)`` float32."""
-    fn = getattr(ggml_lib._library(), f"dequantize_row_q{type_name[1:]}")  # Q4_K -> dequantize_row_q4_K
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    src = np.ascontiguousarray(raw, dtype=np.uint8)
-    out = np.zeros((src.shape[0], n_per_row), dtype=np.float32)
-    fn(src.ctypes.data, out.ctypes.data, out.size)
-    return out
+    return ggml_lib.dequantize_rows(type_name, raw, n_per_row)

@@ -34,7 +34,8 @@ def test_bytes_decode_in_gguf_to_our_values(name):
     np.testing.assert_array_equal(theirs, qw.dequantize().numpy())
 
 
-@pytest.mark.parametrize("name", [t for t in TYPES if not t.endswith("_K")])  # gguf-py cannot quantize k-quants
+# gguf-py cannot quantize k-quants or i-quants
+@pytest.mark.parametrize("name", [t for t in TYPES if not t.endswith("_K") and not t.startswith("IQ")])
 def test_bytes_equal_gguf_reference_quantizer(name):
     """gguf-py's numpy port of ggml's reference quantizer produces the same bytes."""
     w = _weights(2)
@@ -58,4 +59,4 @@ def test_q4_0_block_by_hand():
 def test_bits_per_weight():
     assert {n: g.bits_per_weight() for n, g in GGUF_GRIDS.items()} == {
         "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0,
-        "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5, "Q3_K": 3.4375, "Q2_K": 2.625}
+        "Q6_K": 6.5625, "Q5_K": 5.5, "Q4_K": 4.5, "Q3_K": 3.4375, "Q2_K": 2.625, "IQ4_NL": 4.5, "IQ4_XS": 4.25}

@@ -77,7 +77,7 @@ def test_weighted_quantizers_byte_identical_to_ggml(source, calib_imatrix, gguf_
 
 
 @pytest.mark.usefixtures("torch_engine")
-@pytest.mark.parametrize("gguf_type", sorted(GGUF_GRIDS))
+@pytest.mark.parametrize("gguf_type", sorted(n for n, g in GGUF_GRIDS.items() if g.torch_reference))
 @pytest.mark.parametrize("weighted", [False, True])
 def test_zero_blocks_and_dead_columns_match_ggml(gguf_type, weighted):
     """Degenerate blocks take ggml's special cases (zeroed scale bytes, L = 0), with and without imatrix."""
@@ -230,14 +230,15 @@ def test_ship_with_collected_imatrix_equals_llama_quantize(tmp_path):
     import quantkit
 
     common = dict(calib_samples=2, eval_samples=2, seq_len=128, progress=False, verbose=False)
-    result = quantkit.ship(targets=["gguf:F32", "gguf:Q4_K_M", "gguf:Q4_0"], out=tmp_path / "out", imatrix="calib",
+    result = quantkit.ship(targets=["gguf:F32", "gguf:Q4_K_M", "gguf:Q4_0", "gguf:IQ4_XS"], out=tmp_path / "out",
+                           imatrix="calib",
                            max_ppl_increase_pct=100.0, max_kld=10.0, min_top1=0.0, **common)
     paths = {a.target: tmp_path / "out" / a.path for a in result.artifacts}
     entry = result.manifest["data"]["imatrix"]
     assert entry["path"] == "imatrix.gguf" and entry["entries"] == 29  # 28 block linears + output
     imatrix = read_imatrix(tmp_path / "out" / "imatrix.gguf")
     assert imatrix.chunk_size == 128 and imatrix.chunk_count == 2
-    for gguf_type in ("Q4_K_M", "Q4_0"):
+    for gguf_type in ("Q4_K_M", "Q4_0", "IQ4_XS"):
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
         array, _keep = _llama_imatrix(imatrix)

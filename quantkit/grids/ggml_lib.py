@@ -115,3 +115,19 @@ def quantize_rows(type_name: str, rows: np.ndarray, importance: np.ndarray | Non
     if written != dst.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes for {type_name}, expected {dst.nbytes}")
     return dst
+
+
+def dequantize_rows(type_name: str, raw: np.ndarray, n_per_row: int) -> np.ndarray:
+    """ggml's own decode (``dequantize_row_*``, what llama.cpp runs) of rows of raw blocks ``(rows, row_bytes)``;
+    returns ``(rows, n_per_row)`` float32."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("llama-cpp-python's libggml-base is not installed; pip install 'quantkit[llama]'")
+    suffix = type_name.lower() if type_name.startswith("IQ") else f"q{type_name[1:]}"  # Q4_K -> q4_K
+    fn = getattr(lib, f"dequantize_row_{suffix}")
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    src = np.ascontiguousarray(raw, dtype=np.uint8)
+    out = np.zeros((src.shape[0], n_per_row), dtype=np.float32)
+    fn(src.ctypes.data, out.ctypes.data, out.size)
+    return out

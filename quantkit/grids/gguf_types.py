@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import gguf
 
 from quantkit.errors import QuantkitError
+from quantkit.grids.gguf_iquants import IQ4_NL, IQ4_XS
 from quantkit.grids.gguf_kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 from quantkit.grids.gguf_legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, GGUFBlockGrid
 
@@ -61,6 +62,8 @@ GGUF_TYPES: dict[str, GGUFType] = {t.name: t for t in (
     GGUFType("Q4_K", Q4_K(), fallback="Q5_0"),
     GGUFType("Q4_1", Q4_1()),
     GGUFType("Q4_0", Q4_0()),
+    GGUFType("IQ4_NL", IQ4_NL()),
+    GGUFType("IQ4_XS", IQ4_XS(), fallback="IQ4_NL"),
     GGUFType("Q3_K", Q3_K(), fallback="Q4_0"),
     GGUFType("Q2_K", Q2_K(), fallback="Q4_0"),
 )}

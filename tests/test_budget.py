@@ -1,0 +1,146 @@
+"""Mixed precision under a size budget: the allocation against an exhaustive search, the file against its
+budget, llama.cpp loading it, and budgets out of reach refused with the reachable range."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import gguf
+import pytest
+
+import quantkit
+from quantkit.budget import Option, allocate, parse_size
+from quantkit.cli import main
+from quantkit.errors import QuantkitError
+
+
+def brute_force(options: dict[str, list[Option]], budget: int) -> float:
+    """The least summed error of any choice within ``budget`` (every combination tried)."""
+    names = sorted(options)
+    best = float("inf")
+    for combo in itertools.product(*(options[n] for n in names)):
+        if sum(o.nbytes for o in combo) <= budget:
+            best = min(best, sum(o.error for o in combo))
+    return best
+
+
+def test_allocation_by_hand():
+    """a's error falls 90 for 10 bytes, b's 5: with 10 spare bytes a is upgraded, not b."""
+    options = {"a": [Option("Q2_K", 10, 100.0), Option("Q4_K", 20, 10.0)],
+               "b": [Option("Q2_K", 10, 20.0), Option("Q4_K", 20, 15.0)]}
+    chosen = allocate(options, 30)
+    assert chosen.types == {"a": "Q4_K", "b": "Q2_K"} and chosen.nbytes == 30 and chosen.predicted_error == 30.0
+    assert allocate(options, 40).types == {"a": "Q4_K", "b": "Q4_K"}
+    assert chosen.reachable == (20, 40)
+
+
+def test_a_dominated_candidate_is_never_chosen():
+    """IQ4_XS larger and worse than Q4_K on this matrix: never picked, whatever the budget."""
+    options = {"a": [Option("Q4_K", 20, 10.0), Option("IQ4_XS", 21, 12.0), Option("Q5_K", 30, 3.0)]}
+    assert {allocate(options, b).types["a"] for b in range(20, 31)} == {"Q4_K", "Q5_K"}
+
+
+def exact_optimum(options: dict[str, list[Option]], budget: int) -> float:
+    """The least summed error within ``budget``: a dynamic program over every byte count (exact; the
+    independent reference for the allocation)."""
+    import numpy as np
+
+    best = np.full(budget + 1, np.inf)
+    best[0] = 0.0
+    for opts in options.values():
+        new = np.full(budget + 1, np.inf)
+        for o in opts:
+            if o.nbytes <= budget:
+                new[o.nbytes:] = np.minimum(new[o.nbytes:], best[: budget + 1 - o.nbytes] + o.error)
+        best = new
+    return float(best.min())
+
+
+def random_options(rng: random.Random, n: int) -> dict[str, list[Option]]:
+    """Frontiers shaped like real ones: error roughly halving per added bit, sizes varying per matrix."""
+    options = {}
+    for k in range(n):
+        size, error = rng.randint(50, 200), rng.uniform(1, 100)
+        opts = []
+        for type_name, bits in (("Q2_K", 2.6), ("Q3_K", 3.4), ("Q4_K", 4.5), ("Q5_K", 5.5), ("Q6_K", 6.6)):
+            opts.append(Option(type_name, int(size * bits), error * 2 ** (-bits) * rng.uniform(0.8, 1.2)))
+        options[f"m{k:02d}"] = opts
+    return options
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("n", [5, 40])
+def test_allocation_is_within_budget_and_near_the_exact_optimum(seed, n):
+    rng = random.Random(seed)
+    options = random_options(rng, n)
+    low = sum(min(o.nbytes for o in v) for v in options.values())
+    high = sum(max(o.nbytes for o in v) for v in options.values())
+    budget = rng.randint(low, high)
+    chosen = allocate(options, budget)
+    assert chosen.nbytes <= budget
+    # with few matrices a single step is a large part of the budget: the Lagrangian choice and its trades can
+    # stay a few percent off there; with tens of matrices (a real model has 28 to 224) within 1 %
+    assert chosen.predicted_error <= (1.05 if n == 5 else 1.01) * exact_optimum(options, budget)
+    if n == 5:  # the dynamic program agrees with trying every combination
+        assert exact_optimum(options, budget) == pytest.approx(brute_force(options, budget))
+
+
+def test_sizes_parse_with_units():
+    assert parse_size("90MB") == 90_000_000 and parse_size("1.5GiB") == 3 * 2**29 and parse_size("123") == 123
+    with pytest.raises(QuantkitError, match="is not a size"):
+        parse_size("ninety")
+
+
+def ship_budget(tmp_path, name: str, **options):
+    return quantkit.ship(targets=["gguf:Q4_K_M"], out=tmp_path / name, imatrix="calib", calib_samples=8,
+                         eval_samples=4, seq_len=128, max_kld=10.0, max_ppl_increase_pct=1000.0, min_top1=0.0,
+                         **options)
+
+
+def test_budgeted_files_fit_load_in_llama_cpp_and_lose_less_with_more_bytes(tmp_path):
+    """Three budgets on the embedded model: each file is at most its --max-size, its tensors have the
+    allocated types (read back by gguf-py), llama.cpp loads and scores it, and a bigger budget gives a lower
+    predicted error and a lower KL divergence measured in llama.cpp."""
+    results = []
+    for size in ("2.7MB", "3.2MB", "4.2MB"):
+        result = ship_budget(tmp_path, size, max_size=size)
+        artifact = result.artifacts[0]
+        path = tmp_path / size / artifact.path
+        assert artifact.path == f"model-Q4_K_M-{size}.gguf"
+        assert path.stat().st_size <= parse_size(size) and path.stat().st_size == artifact.budget["bytes"]
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+        assert all(types[n] == t for n, t in artifact.budget["types"].items())
+        assert len(artifact.budget["types"]) == 28 and (tmp_path / size / artifact.budget["plot"]).is_file()
+        assert artifact.metrics["kld"] is not None  # scored in llama.cpp
+        results.append(artifact)
+    errors = [a.budget["predicted_error"] for a in results]
+    klds = [a.metrics["kld"] for a in results]
+    assert errors[0] > errors[1] > errors[2] and klds[0] > klds[1] > klds[2], (errors, klds)
+    manifest = json.loads((tmp_path / "4.2MB" / "manifest.json").read_text())
+    assert manifest["artifacts"][0]["budget"]["counts"] and manifest["recipe"]["max_size"] == "4.2MB"
+
+
+def test_budget_with_gptq_quantizes_the_mixed_types_in_one_pass(tmp_path):
+    """GPTQ under a budget: the pass runs on the allocation's grids (IQ4 and k-quants mixed), and llama.cpp
+    scores the file."""
+    result = quantkit.ship(targets=["gguf:Q4_K_M"], out=tmp_path / "g", method="gptq", target_bpw=4.8,
+                           calib_samples=8, eval_samples=4, seq_len=128, max_kld=10.0, max_ppl_increase_pct=1000.0,
+                           min_top1=0.0)
+    artifact = result.artifacts[0]
+    assert len(set(artifact.budget["types"].values())) > 1 and abs(artifact.bits_per_weight - 4.8) < 0.05
+    assert artifact.metrics["kld"] < 0.2
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--target-bpw", "1.6", r"--target-bpw 1.6 is outside what gguf:Q4_K_M can reach for this model: \d\.\d+ to "),
+    ("--max-size", "1GB", r"--max-size 1GB is outside what gguf:Q4_K_M can reach for this model: \d+ to \d+ bytes"),
+    ("--target-bpw", "40", r"--target-bpw 40.0 is out of range"),
+    ("--max-size", "lots", r"is not a size"),
+])
+def test_a_budget_out_of_reach_is_refused_with_the_range(tmp_path, capsys, flag, value, message):
+    assert main(["ship", "--targets", "gguf:Q4_K_M", flag, value, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert __import__("re").search(message, err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
