@@ -161,7 +161,7 @@ def _upgrade(fronts: dict[str, list[Option]], choice: dict[str, int], budget: in
 
 # Candidate types by row length: k-quants and IQ4_XS need rows in 256s; legacy blocks and IQ4_NL in 32s
 CANDIDATES_256 = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
-CANDIDATES_32 = ("Q4_0", "IQ4_NL", "Q5_0", "Q8_0")
+CANDIDATES_32 = ("Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 ALIGNMENT = 32  # GGUF pads each tensor's data to this many bytes
 
 

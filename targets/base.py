@@ -98,6 +98,7 @@ class ExportReport:
 
 class Target(ABC):
     kind: str
+    takes_budget = False  # whether --target-bpw / --max-size can choose this target's per-tensor types
 
     def __init__(self, option: str | None):
         self.option = option

@@ -156,6 +156,7 @@ def _write_tensor_chunks(writer: gguf.GGUFWriter, nbytes: int, chunks: Iterator[
 
 class GGUFTarget(Target):
     kind = "gguf"
+    takes_budget = True
 
     def __init__(self, option: str | None):
         # aliases resolve to llama.cpp's file type (gguf:Q4_K is Q4_K_M, as in llama-quantize)

@@ -138,9 +138,11 @@ def test_budget_with_gptq_quantizes_the_mixed_types_in_one_pass(tmp_path):
     ("--max-size", "1GB", r"--max-size 1GB is outside what gguf:Q4_K_M can reach for this model: \d+ to \d+ bytes"),
     ("--target-bpw", "40", r"--target-bpw 40.0 is out of range"),
     ("--max-size", "lots", r"is not a size"),
+    ("--target-bpw", "4.5 --targets hf-gptq", r"hf-gptq cannot take a budget yet"),
 ])
 def test_a_budget_out_of_reach_is_refused_with_the_range(tmp_path, capsys, flag, value, message):
-    assert main(["ship", "--targets", "gguf:Q4_K_M", flag, value, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    argv = ["ship", "--targets", "gguf:Q4_K_M", flag, *value.split(), "--out", str(tmp_path / "o"), "--quiet"]
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert __import__("re").search(message, err) and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
