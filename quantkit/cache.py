@@ -25,11 +25,10 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
-from quantkit.manifest import file_sha256
+from quantkit.manifest import file_sha256, package_versions
 
 KEY_SCHEMA = "quantkit.cache/1"
 ENTRY_FILE = "entry.json"
@@ -41,16 +40,6 @@ KEYED_PACKAGES = ("torch", "transformers", "safetensors", "tokenizers", "gguf", 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("QUANTKIT_CACHE") or Path.home() / ".cache" / "quantkit" / "builds")
-
-
-def _package_versions() -> dict[str, str | None]:
-    versions = {}
-    for name in KEYED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 SOURCE_PACKAGES = ("quantkit", "quantkit.targets", "quantkit.kernels")  # three folders in a source checkout
@@ -133,7 +122,7 @@ def run_key_inputs(model_files: dict[str, str], recipe: dict, targets: list[str]
 
     return {"schema": KEY_SCHEMA, "model": model_files, "recipe": resolved, "targets": sorted(targets),
             "quantkit": {"version": __version__, "source_sha256": quantkit_source_sha256()},
-            "python": sys.version.split()[0], "packages": _package_versions()}
+            "python": sys.version.split()[0], "packages": package_versions(KEYED_PACKAGES)}
 
 
 def key_of(inputs: dict) -> str:

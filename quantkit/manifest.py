@@ -71,14 +71,20 @@ def artifact_digest(path: Path) -> tuple[int, str]:
     return sum(p.stat().st_size for p in files), hashlib.sha256(listing.encode()).hexdigest()
 
 
-def environment() -> dict:
+def package_versions(names) -> dict[str, str | None]:
+    """Installed version of each distribution in ``names`` (None where it is not installed)."""
     versions = {}
-    for name in _PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions}
+    return versions
+
+
+def environment() -> dict:
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "packages": package_versions(_PACKAGES)}
 
 
 def write_manifest(path: Path, *, artifacts, **fields) -> dict:
