@@ -1,5 +1,4 @@
-"""Command line: ``quantkit ship``, ``quantkit build`` / ``plan`` (recipe files), ``quantkit bench`` (and
-``bench compare``) and ``quantkit inspect``.
+"""Command line: quantkit ship, build / plan (recipe files), bench (and bench compare) and inspect.
 
 Exit codes: 0 success; 1 an artifact was rejected (accuracy gate or tokenizer; it is kept under
 OUT/rejected/); 2 bad input (one line on stderr naming the problem and the fix; nothing written);
