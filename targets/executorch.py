@@ -23,8 +23,10 @@ asymmetric activation quantization, per-channel-group weight dequantization). XN
 scales in bf16, so the 4-bit group grid fits its scales on bf16 values before choosing codes and the
 stored weights decode exactly as quantkit's; per-channel scales are stored in fp32.
 
-Not quantized: the token embedding is stored in 16 bits (the checkpoint's bf16/fp16, fp16 for fp32
-checkpoints) and looked up by ExecuTorch's portable kernel; an unquantized lm_head stays an fp32
+The token embedding is stored in 16 bits (the checkpoint's bf16/fp16, fp16 for fp32 checkpoints) and
+looked up by ExecuTorch's portable kernel; with ``--quantize-embeddings`` (KV-cache programs) it holds the
+grid's codes instead (4-bit groups or int8 per channel) for ExecuTorch's quantized embedding kernels, and a
+tied lm_head becomes an 8da4w/8da8w linear on the same codes. An untied, unquantized lm_head stays an fp32
 XNNPACK linear (``--quantize-lm-head`` makes it 8da4w/8da8w too); norms, rope and attention run in fp32.
 """
 
@@ -131,6 +133,40 @@ class StoredEmbedding(nn.Module):
         return nn.functional.embedding(ids, self.weight).float()
 
 
+class QuantizedEmbedding(nn.Module):
+    """The token embedding as quantkit's symmetric integer codes, looked up by ExecuTorch's quantized kernels
+    (``quantized_decomposed::embedding_4bit`` / ``embedding_byte``): 4-bit codes packed two per byte (even
+    column in the high nibble, stored as code + 8), or int8 codes per channel; fp32 scales (the grid's values,
+    stored exactly)."""
+
+    def __init__(self, qw: QuantizedWeight):
+        super().__init__()
+        grid = qw.grid
+        self.bits = grid.bits
+        codes = qw.codes.to(torch.int16)
+        if self.bits == 4:
+            unsigned = (codes + 8).to(torch.uint8)
+            self.register_buffer("weight", (unsigned[:, 0::2] << 4) | unsigned[:, 1::2])
+        else:
+            self.register_buffer("weight", codes.to(torch.int8))
+        scale = qw.params.scale[..., 0].float()
+        self.register_buffer("scales", scale if grid.group_size > 0 else scale[:, 0].contiguous())
+        self.qmin, self.qmax = grid.qmin, grid.qmax
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        register_quantized_embedding_ops()
+        ops = torch.ops.quantized_decomposed
+        op = ops.embedding_4bit if self.bits == 4 else ops.embedding_byte
+        return op.dtype(self.weight, self.scales, None, self.qmin, self.qmax, ids, dtype=torch.float32)
+
+
+def register_quantized_embedding_ops() -> None:
+    """The ``quantized_decomposed`` embedding ops: their torch definitions (for export) and ExecuTorch's kernels
+    (for the runtime), both registered on import."""
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401
+    import executorch.kernels.quantized  # noqa: F401
+
+
 def embedding_dtype(source_dtype: str) -> torch.dtype:
     """The checkpoint's own 16-bit type (lossless), or fp16 for fp32 checkpoints, as GGUF files keep them."""
     return torch.bfloat16 if source_dtype == "BF16" else torch.float16
@@ -188,12 +224,20 @@ def cached_model(ctx: ExportContext, grid: IntGrid | None, max_len: int) -> nn.M
             return DynamicActivationQuantLinear(ctx.quantize(name, grid), bias)
         return float_linear(ctx.load(name, grid), bias)
 
-    stored = ctx.load(arch.embedding, grid)
-    embedding = StoredEmbedding(stored, embedding_dtype(source.tensors[arch.embedding].dtype))
-    if arch.lm_head in quantized:
+    if arch.embedding in quantized:  # --quantize-embeddings: the lookup and a tied head share the codes
+        table = ctx.quantize(arch.embedding, grid)
+        embedding = QuantizedEmbedding(table)
+        tied_head = DynamicActivationQuantLinear(table, None) if source.tied_embeddings else None
+    else:
+        stored = ctx.load(arch.embedding, grid)
+        embedding = StoredEmbedding(stored, embedding_dtype(source.tensors[arch.embedding].dtype))
+        tied_head = float_linear(stored) if source.tied_embeddings else None
+    if tied_head is not None:
+        lm_head = tied_head
+    elif arch.lm_head in quantized:
         lm_head = DynamicActivationQuantLinear(ctx.quantize(arch.lm_head, grid), None)
-    else:  # a tied head is the embedding table already loaded
-        lm_head = float_linear(stored if source.tied_embeddings else ctx.load(arch.lm_head, grid))
+    else:
+        lm_head = float_linear(ctx.load(arch.lm_head, grid))
     return build_decoder(source, linear, lambda name: ctx.load(name, grid), embedding, lm_head,
                          rotary_parameters(source), max_len)
 
@@ -337,9 +381,10 @@ class ExecuTorchTarget(Target):
         if grid.group_size > 0 and grid.group_size % XNNPACK_GROUP_MULTIPLE:
             raise QuantkitError(f"{self.name}: XNNPACK's int4 kernels need a group size that is a multiple of "
                                 f"{XNNPACK_GROUP_MULTIPLE}, got {grid.group_size}; use 32, 64, 128 or 256, or -1")
-        if ctx.recipe.quantize_embeddings:
-            raise QuantkitError(f"{self.name} keeps the token embedding in fp32 (XNNPACK has no quantized "
-                                "embedding lookup); drop --quantize-embeddings")
+        if ctx.recipe.quantize_embeddings and not kv_cache_program(ctx):
+            raise QuantkitError(f"{self.name} quantizes the token embedding only in KV-cache programs (Llama, "
+                                f"Mistral, Qwen2, Qwen3); {ctx.source.arch.name}'s full-sequence program keeps it in "
+                                "16 bits: drop --quantize-embeddings")
 
     @staticmethod
     def _stored_bits(ctx: ExportContext, grid: XnnpackGrid) -> float:
@@ -374,7 +419,7 @@ class ExecuTorchTarget(Target):
         (path / PROGRAM_FILE).write_bytes(program.buffer)
         copy_model_files(ctx.source.path, path)
         bits = 32.0 if grid is None else self._stored_bits(ctx, grid)
-        return ExecuTorchReport(tuple(self._notes(kv_cache, delegated)), bits, delegated)
+        return ExecuTorchReport(tuple(self._notes(kv_cache, delegated)), bits_per_weight=bits, delegation=delegated)
 
     def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:
         """Each row in one call: a KV-cache program prefills it from position 0 (the cache slots of an
@@ -420,6 +465,8 @@ def load_forward(path: Path):
     path = path / PROGRAM_FILE if path.is_dir() else path
     try:
         from executorch.runtime import Runtime
+
+        register_quantized_embedding_ops()  # a program with a quantized embedding calls these kernels
     except ImportError:
         raise QuantkitError(f"checking {path.name} needs the ExecuTorch runtime; {INSTALL_HINT}") from None
     with silenced():  # the runtime's native cpuinfo probe prints to stderr

@@ -17,10 +17,12 @@ from tests.runtimes import require
 require("executorch")  # the ExecuTorch runtime checks every .pte
 
 SEQ = 64
-CASES = {  # tiny fixture, target, group size
-    "llama-8da4w-g32": ("llama", "executorch:8da4w", 32),
-    "qwen2-8da4w-per-channel": ("qwen2", "executorch", -1),  # q/k/v biases; 4-bit per channel
-    "llama-8da8w": ("llama", "executorch:8da8w", 128),
+CASES = {  # tiny fixture, target, group size, quantized embedding
+    "llama-8da4w-g32": ("llama", "executorch:8da4w", 32, False),
+    "qwen2-8da4w-per-channel": ("qwen2", "executorch", -1, False),  # q/k/v biases; 4-bit per channel
+    "llama-8da8w": ("llama", "executorch:8da8w", 128, False),
+    # 4-bit embedding table (ExecuTorch's embedding_4bit kernel) whose codes the tied output head shares
+    "llama-tied-8da4w-embedding": ("llama-tied", "executorch:8da4w", 64, True),
 }
 
 
@@ -39,21 +41,30 @@ def emulation(ctx: ExportContext, grid, embedding_dtype: torch.dtype):
     """The fp32 model with each quantized weight replaced by quantkit's own decoding of its codes and
     its input fake-quantized per token; the embedding rounded to the 16 bits the program stores."""
     model = ctx.source.hf_model()
+    table = ctx.source.arch.embedding
     with torch.no_grad():
         for name in ctx.quantized_names:
+            if name == table:
+                continue
             module = model.get_submodule(name.removesuffix(".weight"))
             module.weight.copy_(ctx.quantize(name, grid).dequantize())
             module.register_forward_pre_hook(lambda _, args: (fake_quant_per_token(args[0]),))
         embed = model.get_input_embeddings()
-        embed.weight = torch.nn.Parameter(embed.weight.to(embedding_dtype).float(), requires_grad=False)
+        if table in ctx.quantized_names:  # the table's decoded codes, read by the lookup and the tied head
+            embed.weight = torch.nn.Parameter(ctx.quantize(table, grid).dequantize(), requires_grad=False)
+            head = model.get_output_embeddings()
+            head.weight = embed.weight
+            head.register_forward_pre_hook(lambda _, args: (fake_quant_per_token(args[0]),))
+        else:
+            embed.weight = torch.nn.Parameter(embed.weight.to(embedding_dtype).float(), requires_grad=False)
     return model
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def exported(request, tiny_models, tmp_path_factory):
-    arch, spec, group_size = CASES[request.param]
+    arch, spec, group_size, embedding = CASES[request.param]
     source = ModelSource(tiny_models[arch])
-    recipe = Recipe(seq_len=SEQ, group_size=group_size)
+    recipe = Recipe(seq_len=SEQ, group_size=group_size, quantize_embeddings=embedding)
     ctx = ExportContext(source, recipe, quantized_tensor_names(source, recipe), progress=False)
     target = parse_target(spec)
     target.validate(ctx)
@@ -87,8 +98,9 @@ def test_runtime_logits_match_the_emulated_quantized_arithmetic(exported):
 def test_every_linear_runs_in_xnnpack(exported):
     name, ctx, target, path, report = exported
     d = report.delegation
-    # quantized block linears plus the (fp32) lm_head
-    assert d.linears_total == len(ctx.quantized_names) + 1, (name, d)
+    # quantized block linears plus the lm_head (fp32, or the quantized table's codes when tied)
+    linears = [n for n in ctx.quantized_names if n != ctx.source.arch.embedding]
+    assert d.linears_total == len(linears) + 1, (name, d)
     assert d.linear_fraction == 1.0, (name, d)
     # what stays outside XNNPACK is the embedding lookup, rope and mask plumbing: about half the nodes
     assert 0.4 < d.nodes_delegated / d.nodes_total < 1.0, (name, d)
@@ -163,13 +175,19 @@ def test_kv_program_decodes_step_by_step_as_it_prefills(fp32_program):
     (dict(scheme="asym"), "symmetric weights only"),
     (dict(group_size=16), "multiple of 32"),
     (dict(group_size=0), "no per-tensor weights"),
-    (dict(quantize_embeddings=True), "drop --quantize-embeddings"),
 ])
 def test_impossible_grids_fail_before_any_work(tmp_path, options, message):
     out = tmp_path / "o"
     with pytest.raises(QuantkitError, match=message):
         quantkit.ship(targets=["executorch"], out=out, verbose=False, **options)
     assert not out.exists() and not list(tmp_path.iterdir())  # nothing written, not even the temporary folder
+
+
+def test_a_quantized_embedding_in_a_full_sequence_program_is_refused(tiny_models, tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(QuantkitError, match="only in KV-cache programs .*drop --quantize-embeddings"):
+        quantkit.ship(tiny_models["phi3"], targets=["executorch"], out=out, verbose=False, quantize_embeddings=True)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("bits, group_size", [(4, 128), (4, -1), (8, -1)])
