@@ -88,8 +88,35 @@ CAVEATS = {
 }
 
 
+def plot(all_results: dict, path: Path) -> None:
+    """KL divergence against bits per weight, one panel per model, one line per tool and method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(all_results), figsize=(6 * len(all_results), 4.5), squeeze=False)
+    for ax, (name, results) in zip(axes[0], all_results.items(), strict=True):
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for r in results["rows"]:
+            label = f"{r['tool']}: {r['method']}"
+            lines.setdefault(label, []).append((r["bytes"] * 8 / results["elements"], r["metrics"]["kld"]))
+        for label, points in lines.items():
+            xs, ys = zip(*sorted(points), strict=True)
+            ax.semilogy(xs, ys, marker="o", label=label)
+        ax.set_title(name)
+        ax.set_xlabel("bits per weight (file)")
+        ax.set_ylabel("KL divergence vs fp32 (llama.cpp)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report(all_results: dict) -> str:
-    sections = ["# Mixed precision under a size budget vs llama.cpp's file types", ""]
+    plot(all_results, RESULTS / "budget.png")
+    sections = ["# Mixed precision under a size budget vs llama.cpp's file types", "",
+                "![KL divergence against bits per weight](budget.png)", ""]
     for name, results in all_results.items():
         sections += [f"## {name}", "", CAVEATS.get(name, ""), "", model_report(results), ""]
     return "\n".join(sections)
