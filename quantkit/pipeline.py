@@ -442,7 +442,9 @@ class CacheKey:
     @classmethod
     def of(cls, cache: BuildCache, source: ModelSource, recipe: Recipe, targets: list[str]) -> CacheKey:
         model_files = folder_sha256(source.path, cache.file_hashes)
-        inputs = run_key_inputs(model_files, recipe.to_dict(), targets, cache.file_hashes)
+        # "auto" resolved: a GPU run (fp32 on another device) is not the CPU run's bytes
+        resolved = {**recipe.to_dict(), "device": recipe.torch_device().type}
+        inputs = run_key_inputs(model_files, resolved, targets, cache.file_hashes)
         cache.file_hashes.save()
         return cls(cache, key_of(inputs), inputs)
 
