@@ -211,7 +211,7 @@ def _cell_recipe(where: _Where, name: str, settings: dict, default_targets: tupl
 
 def _resources(build: dict) -> dict[str, float]:
     return {"num_cpus": build.get("cpus_per_cell", 2), "num_gpus": build.get("gpus_per_cell", 0),
-            "memory": build.get("memory_gb_per_cell", 8) * 2**30}
+            "memory": int(build.get("memory_gb_per_cell", 8) * 2**30)}
 
 
 # ---- plan ------------------------------------------------------------------------------------------
