@@ -12,7 +12,6 @@ from tests.ggml_reference import ggml_dequantize
 from tests.helpers import edge_weights
 
 ROUNDED = [name for name, grid in GGUF_GRIDS.items() if grid.costly_search(torch.ones(1))]
-REFERENCED = sorted(name for name, grid in GGUF_GRIDS.items() if grid.torch_reference)  # not IQ4_NL / IQ4_XS
 
 
 def _weights() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -40,7 +39,7 @@ def test_engine_is_ggml_where_llama_cpp_is_installed():
     assert engine() == "ggml"
 
 
-@pytest.mark.parametrize("gguf_type", REFERENCED)
+@pytest.mark.parametrize("gguf_type", sorted(GGUF_GRIDS))
 @pytest.mark.parametrize("weighted", [False, True])
 def test_ggml_fit_equals_torch_reference(gguf_type, weighted):
     """Whatever engine fits, GPTQ and AWQ see the same parameters and codes."""
@@ -56,23 +55,6 @@ def test_ggml_fit_equals_torch_reference(gguf_type, weighted):
             codes = grid.encode(groups, fitted).reshape(w.shape)
             decoded = QuantizedWeight(codes, fitted, grid).dequantize()
             np.testing.assert_array_equal(ggml_dequantize(gguf_type, raw, w.shape[1]), decoded.numpy())
-
-
-@pytest.mark.parametrize("gguf_type", sorted(set(GGUF_GRIDS) - set(REFERENCED)))
-@pytest.mark.parametrize("weighted", [False, True])
-def test_ggml_only_types_decode_as_ggml_does(gguf_type, weighted):
-    """IQ4_NL / IQ4_XS have no torch reference: their scales and codes read back from ggml's blocks decode,
-    in quantkit, to ggml's own dequantization of those blocks; the imatrix changes the blocks."""
-    grid = GGUF_GRIDS[gguf_type]
-    for w, importance in _weights():
-        groups = w.reshape(w.shape[0], -1, grid.group_size)
-        imp = importance.reshape(groups.shape[-2:]) if weighted else None
-        raw = quantize_rows(gguf_type, w.numpy(), None if imp is None else importance.numpy())
-        fitted = grid.fit(groups, imp)
-        decoded = QuantizedWeight(grid.encode(groups, fitted).reshape(w.shape), fitted, grid).dequantize()
-        np.testing.assert_array_equal(ggml_dequantize(gguf_type, raw, w.shape[1]), decoded.numpy())
-        if weighted:
-            assert not np.array_equal(raw, quantize_rows(gguf_type, w.numpy()))
 
 
 @pytest.mark.parametrize("gguf_type", ROUNDED)
@@ -94,8 +76,7 @@ def test_rows_split_over_threads_give_the_same_bytes(threads):
 
 def test_round_to_bytes_is_the_same_in_both_engines():
     w, importance = edge_weights()
-    for name in REFERENCED:
-        grid = GGUF_GRIDS[name]
+    for name, grid in GGUF_GRIDS.items():
         for imp in (None, importance):
             fast = grid.round_to_bytes(w, imp)
             with use_engine("torch"):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from quantkit.data import load_documents
-from quantkit.grids import GGUF_GRIDS
 from quantkit.grids.ggml_lib import use_engine
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, quantized_tensor_names
@@ -91,13 +90,11 @@ def test_every_file_type_byte_identical_to_llama_cpp_quantizer(default_f32, tmp_
     """Every tensor (embedding and output included) gets llama.cpp's type for the file type, with its bytes;
     --pure equals llama_model_quantize with params.pure. The rules run through ggml's quantizer in
     quantkit's streaming writer, the pure files through the torch reference grids."""
-    base = parse_target(f"gguf:{gguf_type}").file_type.base
-    if base in GGUF_GRIDS and not GGUF_GRIDS[base].torch_reference:
-        engine = "ggml"  # IQ4_NL / IQ4_XS: ggml's search has no torch reference yet (see quantkit.grids.gguf_iquants)
     with use_engine(engine):
         ours = tensors(export(None, gguf_type, tmp_path / "ours.gguf", pure=pure))
     theirs = tensors(llama_quantize(default_f32, tmp_path / "theirs.gguf", gguf_type, pure=pure))
     assert_same_tensors(ours, theirs)
+    base = parse_target(f"gguf:{gguf_type}").file_type.base
     types = {t.tensor_type.name for t in ours.values()}
     assert {base, "F32"} <= types and (types == {base, "F32"} or not pure)
     if not pure and gguf_type != "Q8_0":  # llama.cpp's file types keep the output projection in Q6_K

@@ -30,7 +30,7 @@ from tests.helpers import edge_weights
 from tests.runtimes import require
 
 llama_cpp = require("llama_cpp")  # llama.cpp's quantizer, the reference for the weighted types
-WEIGHTED_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+WEIGHTED_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
 # one linear of each shape, from different layers: (256, 256), (128, 256), (768, 256), (256, 768)
 SAMPLE_WEIGHTS = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
                   "model.layers.2.mlp.gate_proj.weight", "model.layers.3.mlp.down_proj.weight"]
@@ -77,7 +77,7 @@ def test_weighted_quantizers_byte_identical_to_ggml(source, calib_imatrix, gguf_
 
 
 @pytest.mark.usefixtures("torch_engine")
-@pytest.mark.parametrize("gguf_type", sorted(n for n, g in GGUF_GRIDS.items() if g.torch_reference))
+@pytest.mark.parametrize("gguf_type", sorted(GGUF_GRIDS))
 @pytest.mark.parametrize("weighted", [False, True])
 def test_zero_blocks_and_dead_columns_match_ggml(gguf_type, weighted):
     """Degenerate blocks take ggml's special cases (zeroed scale bytes, L = 0), with and without imatrix."""

@@ -55,7 +55,6 @@ class GGUFBlockGrid(Grid):
     group_size: int = BLOCK
     block_bytes: int = 18
     contiguous_groups_only: bool = True
-    torch_reference: bool = True  # False: only ggml's C library quantizes this type (IQ4_NL / IQ4_XS)
 
     def bits_per_weight(self) -> float:
         return self.block_bytes * 8 / self.group_size
