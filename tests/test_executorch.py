@@ -11,7 +11,7 @@ from quantkit.methods import RoundToNearest
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, quantized_tensor_names
 from quantkit.targets import ExportContext, parse_target
-from quantkit.targets.executorch import DynamicActivationQuantLinear, XnnpackGrid, embedding_dtype
+from quantkit.targets.executorch import HEAD_GRID, DynamicActivationQuantLinear, XnnpackGrid, embedding_dtype
 from tests.runtimes import require
 
 require("executorch")  # the ExecuTorch runtime checks every .pte
@@ -21,7 +21,7 @@ CASES = {  # tiny fixture, target, group size, quantized embedding
     "llama-8da4w-g32": ("llama", "executorch:8da4w", 32, False),
     "qwen2-8da4w-per-channel": ("qwen2", "executorch", -1, False),  # q/k/v biases; 4-bit per channel
     "llama-8da8w": ("llama", "executorch:8da8w", 128, False),
-    # 4-bit embedding table (ExecuTorch's embedding_4bit kernel) whose codes the tied output head shares
+    # 4-bit embedding table (ExecuTorch's embedding_4bit kernel); the tied output head in int8 per channel
     "llama-tied-8da4w-embedding": ("llama-tied", "executorch:8da4w", 64, True),
 }
 
@@ -50,10 +50,10 @@ def emulation(ctx: ExportContext, grid, embedding_dtype: torch.dtype):
             module.weight.copy_(ctx.quantize(name, grid).dequantize())
             module.register_forward_pre_hook(lambda _, args: (fake_quant_per_token(args[0]),))
         embed = model.get_input_embeddings()
-        if table in ctx.quantized_names:  # the table's decoded codes, read by the lookup and the tied head
+        if table in ctx.quantized_names:  # the lookup on the grid's codes, the tied head on int8 per channel
             embed.weight = torch.nn.Parameter(ctx.quantize(table, grid).dequantize(), requires_grad=False)
             head = model.get_output_embeddings()
-            head.weight = embed.weight
+            head.weight = torch.nn.Parameter(ctx.quantize(table, HEAD_GRID).dequantize(), requires_grad=False)
             head.register_forward_pre_hook(lambda _, args: (fake_quant_per_token(args[0]),))
         else:
             embed.weight = torch.nn.Parameter(embed.weight.to(embedding_dtype).float(), requires_grad=False)
