@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from real_models import CALIB_SAMPLES, SEQ_LEN, Scorer, environment, llama_quantize_cmd, prose, ship_cmd  # noqa: E402
+from real_models import environment, llama_quantize_cmd, scored_setup, ship_cmd  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 JSON_PATH = RESULTS / "budget.json"
@@ -40,18 +40,15 @@ def measure(args) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
         tmp = Path(tmp)
-        calib, evals = prose(tmp)
-        data = ["--calib", str(calib), "--calib-samples", str(CALIB_SAMPLES), "--seq-len", str(SEQ_LEN)]
-        scorer = Scorer(args.model, evals, tmp)
-        run(ship_cmd(args.model, "gguf:F32", tmp / "f32", "--no-verify"))
+        data, scorer, f32 = scored_setup(args.model, tmp)
         run(ship_cmd(args.model, "gguf:Q8_0", tmp / "imatrix", "--no-verify", "--imatrix", "calib", *data))
         imatrix = tmp / "imatrix" / "imatrix.gguf"
         import gguf
 
-        elements = sum(int(t.n_elements) for t in gguf.GGUFReader(tmp / "f32" / "model-F32.gguf").tensors)
+        elements = sum(int(t.n_elements) for t in gguf.GGUFReader(f32 / "model-F32.gguf").tensors)
         for ftype in args.types.split(","):
             theirs = tmp / f"llama-{ftype}.gguf"
-            run(llama_quantize_cmd(tmp / "f32" / "model-F32.gguf", theirs, ftype, imatrix))
+            run(llama_quantize_cmd(f32 / "model-F32.gguf", theirs, ftype, imatrix))
             size = theirs.stat().st_size
             row = {"type": ftype, "tool": "llama.cpp", "method": "file type + imatrix", "bytes": size,
                    "metrics": scorer(theirs)}

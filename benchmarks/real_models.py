@@ -199,15 +199,21 @@ def shapes(args) -> dict:
             "quantkit": ours, "llama.cpp": theirs, "same_bytes": same}
 
 
+def scored_setup(model: Path, tmp: Path) -> tuple[list[str], Scorer, Path]:
+    """The prose calibration options, the scorer on the prose evaluation text, and an F32 GGUF of ``model``
+    (llama.cpp's quantizer's source) in ``tmp``/f32."""
+    calib, evals = prose(tmp)
+    data = ["--calib", str(calib), "--calib-samples", str(CALIB_SAMPLES), "--seq-len", str(SEQ_LEN)]
+    scorer = Scorer(model, evals, tmp)
+    subprocess.run(ship_cmd(model, "gguf:F32", tmp / "f32", "--no-verify"), check=True)
+    return data, scorer, tmp / "f32"
+
+
 def methods(args) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
         tmp = Path(tmp)
-        calib, evals = prose(tmp)
-        data = ["--calib", str(calib), "--calib-samples", str(CALIB_SAMPLES), "--seq-len", str(SEQ_LEN)]
-        scorer = Scorer(args.model, evals, tmp)
-        f32 = tmp / "f32"
-        subprocess.run(ship_cmd(args.model, "gguf:F32", f32, "--no-verify"), check=True)
+        data, scorer, f32 = scored_setup(args.model, tmp)
         for ftype in args.types.split(","):
             runs = {"rtn": [], "rtn+imatrix": ["--imatrix", "calib"], "gptq": ["--method", "gptq"],
                     "awq": ["--method", "awq"]}

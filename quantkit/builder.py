@@ -344,8 +344,7 @@ def plan_table(planned: list[PlannedCell]) -> str:
     for p in planned:
         state = "no cache" if p.key is None else ("cached " if p.cached else "to build ") + p.key[:12]
         rows.append((p.cell.name, ",".join(p.cell.targets), str(p.cell.out), state))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return _columns(rows)
 
 
 def plan_json(planned: list[PlannedCell]) -> str:
@@ -359,6 +358,11 @@ def result_table(result: BuildResult) -> str:
     for c in result.cells:
         rows.append((c.name, "hit" if c.cache_hit else "built",
                      ", ".join(f"{t}: {v}" for t, v in c.verdicts.items())))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return _columns(rows)
+
+
+def _columns(rows: list[tuple[str, ...]]) -> str:
+    """Rows as left-aligned columns two spaces apart."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 

@@ -184,13 +184,7 @@ class BuildCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=self.root / "cells"))
         try:
             for name in names:
-                source = out / name
-                dest = tmp / name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                if source.is_dir():
-                    shutil.copytree(source, dest)
-                else:
-                    shutil.copy2(source, dest)
+                _copy(out / name, tmp / name)
             files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / ENTRY_FILE).write_text(json.dumps({"key": key, "inputs": inputs, "files": files}, indent=1))
             with contextlib.suppress(OSError):  # another process stored the same key first: keep theirs
@@ -224,9 +218,13 @@ def restore(hit: CacheHit, dest: Path) -> list[str]:
     """Copy a cache entry's files (not its entry.json) into ``dest``; returns the top-level names copied."""
     names = sorted(p.name for p in hit.entry.iterdir() if p.name != ENTRY_FILE)
     for name in names:
-        source = hit.entry / name
-        if source.is_dir():
-            shutil.copytree(source, dest / name)
-        else:
-            shutil.copy2(source, dest / name)
+        _copy(hit.entry / name, dest / name)
     return names
+
+
+def _copy(source: Path, dest: Path) -> None:
+    """A file or a whole folder (an artifact folder such as hf-gptq/)."""
+    if source.is_dir():
+        shutil.copytree(source, dest)
+    else:
+        shutil.copy2(source, dest)

@@ -57,7 +57,6 @@ XNNPACK_GROUP_MULTIPLE = 32  # XNNPACK's blockwise int4 kernels take groups of 3
 INSTALL_HINT = "pip install 'quantkit[executorch]'"
 
 
-
 @dataclass(frozen=True)
 class XnnpackGrid(IntGrid):
     """Symmetric integers whose scales are fitted on the precision XNNPACK stores them in: bf16 for
@@ -146,6 +145,7 @@ class QuantizedEmbedding(nn.Module):
 
     def __init__(self, qw: QuantizedWeight):
         super().__init__()
+        register_quantized_embedding_ops()  # before export traces the forward
         grid = qw.grid
         self.bits = grid.bits
         codes = qw.codes.to(torch.int16)
@@ -159,7 +159,6 @@ class QuantizedEmbedding(nn.Module):
         self.qmin, self.qmax = grid.qmin, grid.qmax
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        register_quantized_embedding_ops()
         ops = torch.ops.quantized_decomposed
         op = ops.embedding_4bit if self.bits == 4 else ops.embedding_byte
         return op.dtype(self.weight, self.scales, None, self.qmin, self.qmax, ids, dtype=torch.float32)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 
 import gguf
 import pytest
@@ -144,5 +145,5 @@ def test_a_budget_out_of_reach_is_refused_with_the_range(tmp_path, capsys, flag,
     argv = ["ship", "--targets", "gguf:Q4_K_M", flag, *value.split(), "--out", str(tmp_path / "o"), "--quiet"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert __import__("re").search(message, err) and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
