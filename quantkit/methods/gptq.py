@@ -55,7 +55,7 @@ class CholeskyRetryWarning(UserWarning):
 def _one_thread() -> Iterator[None]:
     """MKL's Cholesky gives different low bits on 1 and 2 threads, and under MKL's dynamic threading a busy
     machine changes the count between runs, so the same inputs would give different bytes. On one thread
-    the factor is the same in every process (about 1.7x slower on 2 cores; matrix products, which do not
+    the factor is the same in every process (that step alone is slower; matrix products, which do not
     depend on the thread count, keep all threads)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
