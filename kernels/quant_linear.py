@@ -16,6 +16,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.kernels import reference
+from quantkit.packing import module_bits
 
 BACKENDS = ("auto", "triton", "torch")
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
@@ -70,8 +71,7 @@ def load_quantized_model(folder: str | Path, dtype: torch.dtype = torch.float32,
     raw = json.loads((folder / "config.json").read_text())
     quant = raw.get("quantization_config") or {}
     layout = {"gptq": "gptq", "awq": "awq"}.get(quant.get("quant_method"))
-    bits = quant.get("bits")
-    if layout is None or bits not in ((2, 4, 8) if layout == "gptq" else (4,)):
+    if layout is None or quant.get("bits") not in ((2, 4, 8) if layout == "gptq" else (4,)):
         raise QuantkitError(f"{folder} is not a 2/4/8-bit GPTQ or 4-bit AWQ checkpoint; quantkit's runtime reads "
                             "only those")
     config = AutoConfig.from_pretrained(folder)
@@ -93,7 +93,7 @@ def load_quantized_model(folder: str | Path, dtype: torch.dtype = torch.float32,
         bias = tensors.get(f"{name}.bias")
         group_size = quant["group_size"] if quant["group_size"] > 0 else linear.in_features
         quant_linear = QuantLinear(linear.in_features, linear.out_features, layout, group_size, packed,
-                                   None if bias is None else bias.to(dtype), backend, bits)
+                                   None if bias is None else bias.to(dtype), backend, module_bits(quant, name))
         parent, _, child = name.rpartition(".")
         setattr(modules[parent], child, quant_linear)
     for name, tensor in tensors.items():

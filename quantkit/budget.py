@@ -5,7 +5,8 @@ The prediction is each matrix's activation-weighted rounding error at each candi
 ``sum_j E[x_j^2] * sum_i (W_ij - Q(W)_ij)^2``: the expected squared error the rounding adds to that linear's
 output, with ``E[x_j^2]`` the importance matrix (per input channel, from the calibration text). It is
 what GPTQ's and llama.cpp's importance-weighted searches minimise, measured here for every candidate by
-rounding the matrix in ggml and decoding it.
+rounding the matrix as the artifact would (ggml for GGUF types, torch for integer grids) and decoding it.
+The artifacts' own modules say what their candidates are (targets/gguf_budget.py, targets/hf_gptq_budget.py).
 
 The choice minimises the summed error under the byte budget: a Lagrangian sweep (each matrix takes the
 type minimising ``error + lambda * bytes``; the smallest lambda that fits), greedy upgrades in order of
@@ -18,9 +19,19 @@ frontiers of 40 matrices the result is within 1 % of the exact optimum, of 5 mat
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import torch
 
 from quantkit.errors import QuantkitError
+
+if TYPE_CHECKING:
+    from quantkit.recipe import Recipe
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -44,6 +55,7 @@ class Option:
     type_name: str
     nbytes: int
     error: float
+    weights: int = 0  # the matrix's weight count (for bits per weight)
 
 
 @dataclass
@@ -53,6 +65,52 @@ class Allocation:
     predicted_error: float
     reachable: tuple[int, int]  # the fewest and the most bytes the candidates can give these matrices
     options: dict[str, list[Option]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BudgetFrame:
+    """What a budget leaves to the matrices it types (``movable``), in an artifact's own accounting: ``--max-size``
+    counts ``header + size_fixed`` beside them, ``--target-bpw`` counts ``bpw_fixed`` bytes beside them over
+    ``bpw_elements`` weights."""
+
+    movable: tuple  # the matrices whose type the budget chooses (the target's own records)
+    low: int  # the movable matrices' bytes at their smallest candidates
+    high: int  # ... at their largest
+    size_fixed: int  # bytes of every other stored tensor
+    header: int  # bytes of the artifact beside its tensor data (headers, padding)
+    bpw_fixed: int  # bytes counted with the movable ones in bits per weight
+    bpw_elements: int  # the weights bits per weight are over
+
+    def budget_bytes(self, recipe: Recipe) -> int:
+        """Bytes the budget allows the movable matrices."""
+        if recipe.target_bpw is not None:
+            return int(recipe.target_bpw * self.bpw_elements / 8) - self.bpw_fixed
+        return parse_size(recipe.max_size) - self.header - self.size_fixed
+
+    def total_bytes(self, movable_bytes: int) -> int:
+        return self.header + self.size_fixed + movable_bytes
+
+    def bits_per_weight(self, movable_bytes: int) -> float:
+        return (self.bpw_fixed + movable_bytes) * 8 / self.bpw_elements
+
+    def check(self, recipe: Recipe, name: str) -> None:
+        """Refuses, naming the reachable range, a budget the candidates cannot meet."""
+        left = self.budget_bytes(recipe)
+        if self.low <= left <= self.high:
+            return
+        if recipe.target_bpw is not None:
+            lo, hi = (self.bits_per_weight(b) for b in (self.low, self.high))
+            raise QuantkitError(f"--target-bpw {recipe.target_bpw} is outside what {name} can reach for this model: "
+                                f"{lo:.3f} to {hi:.3f} bits per weight; pick a budget in that range")
+        lo, hi = (self.total_bytes(b) for b in (self.low, self.high))
+        raise QuantkitError(f"--max-size {recipe.max_size} is outside what {name} can reach for this model: "
+                            f"{lo} to {hi} bytes ({lo / 1e6:.2f} to {hi / 1e6:.2f} MB); pick a size in that range")
+
+    def report(self, allocation: Allocation, recipe: Recipe, plot: str | None) -> tuple[str, dict]:
+        """A note for the run's report and the manifest's ``budget`` entry."""
+        reachable = (self.total_bytes(self.low), self.total_bytes(self.high))
+        return report_entry(allocation, recipe.budget_label(), self.total_bytes(allocation.nbytes),
+                            self.bits_per_weight(allocation.nbytes), reachable, plot)
 
 
 def _frontier(options: list[Option]) -> list[Option]:
@@ -159,9 +217,6 @@ def _upgrade(fronts: dict[str, list[Option]], choice: dict[str, int], budget: in
         spare -= best[2]
 
 
-# Candidate types by row length: k-quants and IQ4_XS need rows in 256s; legacy blocks and IQ4_NL in 32s
-CANDIDATES_256 = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
-CANDIDATES_32 = ("Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 ALIGNMENT = 32  # GGUF pads each tensor's data to this many bytes
 
 
@@ -169,29 +224,95 @@ def aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
-def candidates(row_length: int) -> tuple[str, ...]:
-    if row_length % 256 == 0:
-        return CANDIDATES_256
-    if row_length % 32 == 0:
-        return CANDIDATES_32
-    return ()
+class Candidate(Protocol):
+    """One storage type a budget may give a matrix: its name, its stored bytes for a matrix shape, and the
+    matrix rounded to it and decoded (row chunk by row chunk, as the artifact will round it)."""
+
+    name: str
+
+    def nbytes(self, shape: tuple[int, int]) -> int: ...
+
+    def round_trip(self, chunk: torch.Tensor, importance: torch.Tensor) -> np.ndarray: ...
 
 
-def matrix_options(rows, importance, types: tuple[str, ...]) -> list[Option]:
-    """Each candidate's bytes and activation-weighted rounding error for one matrix, rounded (with the
-    importance, as the file will be) and decoded by ggml; ``rows`` yields float32 row chunks."""
-    import numpy as np
-
-    from quantkit.grids import GGUF_GRIDS, ggml_lib
-
-    errors = dict.fromkeys(types, 0.0)
-    nbytes = dict.fromkeys(types, 0)
+def matrix_options(rows: Iterable[torch.Tensor], importance: torch.Tensor, shape: tuple[int, int],
+                   candidates: Sequence[Candidate]) -> list[Option]:
+    """Each candidate's bytes and activation-weighted rounding error for one matrix; ``rows`` yields its float32
+    row chunks, ``importance`` is ``E[x_j^2]`` per input column."""
+    errors = dict.fromkeys((c.name for c in candidates), 0.0)
     weight = importance.double().numpy()
     for chunk in rows:
         values = chunk.float().numpy()
-        for name in types:
-            raw = GGUF_GRIDS[name].round_to_bytes(chunk, importance)
-            decoded = ggml_lib.dequantize_rows(name, raw, values.shape[1])
-            errors[name] += float(((decoded - values).astype(np.float64) ** 2).sum(axis=0) @ weight)
-            nbytes[name] += raw.nbytes
-    return [Option(name, aligned(nbytes[name]), errors[name]) for name in types]
+        for c in candidates:
+            decoded = c.round_trip(chunk, importance)
+            errors[c.name] += float(((decoded - values).astype(np.float64) ** 2).sum(axis=0) @ weight)
+    weights = shape[0] * shape[1]
+    return [Option(c.name, c.nbytes(shape), errors[c.name], weights) for c in candidates]
+
+
+def bits_per_weight(option: Option) -> float:
+    return option.nbytes * 8 / option.weights
+
+
+def report_entry(allocation: Allocation, label: str, total_bytes: int, bpw: float, reachable: tuple[int, int],
+                 plot: str | None) -> tuple[str, dict]:
+    """A note for the run's report and the manifest's ``budget`` entry."""
+    counts = Counter(allocation.types.values())
+    order = _type_order(allocation)
+    spread = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: order[kv[0]]))
+    note = (f"budget {label}: {len(allocation.types)} block matrices typed by predicted loss ({spread}); "
+            f"{total_bytes} bytes, {bpw:.3f} bits per weight")
+    entry = {"budget": label, "bytes": total_bytes, "bits_per_weight": round(bpw, 4),
+             "reachable_bytes": list(reachable),
+             "predicted_error": allocation.predicted_error,
+             "predicted_error_means": "sum over matrices of sum_j E[x_j^2] (W - Q(W))_ij^2 (activation-weighted "
+                                      "squared rounding error), in the model's units",
+             "types": allocation.types, "counts": dict(sorted(counts.items())),
+             "errors": {n: {o.type_name: o.error for o in opts} for n, opts in allocation.options.items()},
+             "plot": plot}
+    return note, entry
+
+
+def _type_order(allocation: Allocation) -> dict[str, float]:
+    """Candidate types by their mean bits per weight over the matrices (for legends and summaries)."""
+    seen: dict[str, list[float]] = {}
+    for opts in allocation.options.values():
+        for o in opts:
+            seen.setdefault(o.type_name, []).append(bits_per_weight(o))
+    return {name: sum(v) / len(v) for name, v in seen.items()}
+
+
+def plot_sensitivity(allocation: Allocation, n_layers: int, layer_of: Callable[[str], int], path: Path) -> str | None:
+    """Per layer: the predicted error of each candidate type (summed over the layer's matrices) and the bits the
+    allocation gave the layer. Returns the file name, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    per_type: dict[str, np.ndarray] = {}
+    bits, weights = np.zeros(n_layers), np.zeros(n_layers)
+    for name, opts in allocation.options.items():
+        layer = layer_of(name)
+        for o in opts:
+            per_type.setdefault(o.type_name, np.zeros(n_layers))[layer] += o.error
+        chosen = next(o for o in opts if o.type_name == allocation.types[name])
+        bits[layer] += chosen.nbytes * 8
+        weights[layer] += chosen.weights
+    order = _type_order(allocation)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    layers = np.arange(n_layers)
+    for type_name, errors in sorted(per_type.items(), key=lambda kv: order[kv[0]]):
+        top.semilogy(layers, np.maximum(errors, 1e-30), marker=".", label=type_name)
+    top.set_ylabel("predicted error (activation-weighted)")
+    top.set_title("Sensitivity per layer: rounding error of each candidate type")
+    top.legend(ncol=4, fontsize=8)
+    bottom.bar(layers, np.divide(bits, weights, out=np.zeros(n_layers), where=weights > 0))
+    bottom.set_ylabel("allocated bits per weight")
+    bottom.set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name

@@ -121,13 +121,16 @@ def _add_ship(sub) -> None:
     q.add_argument("--output-tensor-type", metavar="TYPE",
                    help="GGUF: type of output.weight (and of a tied token embedding), before any other rule")
     q.add_argument("--target-bpw", type=float, default=None, metavar="B",
-                   help="GGUF: mixed precision under a budget of B bits per weight (over all the file's tensors, "
-                   "as llama.cpp reports it): each block matrix gets the type among Q2_K ... Q8_0 and IQ4_XS / "
-                   "IQ4_NL that minimises the predicted loss (activation-weighted rounding error, measured per "
-                   "type on the --calib text) within the budget; the file type's embedding, output and norms stay "
-                   "as they are. A budget the candidates cannot reach is refused with the reachable range")
+                   help="mixed precision under a budget of B bits per weight, on gguf and hf-gptq targets: each "
+                   "block matrix gets the type that minimises the predicted loss (activation-weighted rounding "
+                   "error, measured per type on the --calib text) within the budget. GGUF: types among Q2_K ... "
+                   "Q8_0 and IQ4_XS / IQ4_NL, B over all the file's tensors as llama.cpp reports it; the file "
+                   "type's embedding, output and norms stay as they are. hf-gptq: 2, 4 or 8 bits per linear "
+                   "(written as GPTQModel's `dynamic`), B over the quantized linears with their scales and zero "
+                   "points. A budget the candidates cannot reach is refused with the reachable range")
     q.add_argument("--max-size", default=None, metavar="SIZE",
-                   help="GGUF: the same with a file size budget: bytes or a number with a unit (90MB, 1.5GiB)")
+                   help="the same with a size budget: bytes or a number with a unit (90MB, 1.5GiB); GGUF: the "
+                   "file, hf-gptq: the weight files (*.safetensors)")
     d = p.add_argument_group("data")
     d.add_argument("--calib", default="builtin",
                    help="calibration text: 'builtin' (stdlib split), a .txt/.jsonl file or a folder (default: builtin)")

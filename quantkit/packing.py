@@ -14,7 +14,11 @@ AWQ GEMM (4 bit only):
 
 from __future__ import annotations
 
+import re
+
 import torch
+
+from quantkit.errors import QuantkitError
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of a word holds column AWQ_ORDER[k] of its 8
 
@@ -83,3 +87,15 @@ def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
     zeros = unpack_along_columns(qzeros, 4, AWQ_ORDER).float()  # (groups, out)
     g = torch.arange(q.shape[0]) // group_size
     return ((q - zeros[g]) * scales.float()[g]).T.contiguous()
+
+
+def module_bits(quantization_config: dict, module: str) -> int:
+    """The bits of ``module`` in a GPTQ config: the first ``dynamic`` rule that matches it, else ``bits``."""
+    for pattern, override in (quantization_config.get("dynamic") or {}).items():
+        sign, _, regex = pattern.rpartition(":")
+        if re.match(regex, module):
+            if sign == "-":
+                raise QuantkitError(f"{module} is excluded from quantization by a negative dynamic rule, yet "
+                                    "stored quantized")
+            return int(override.get("bits", quantization_config["bits"]))
+    return int(quantization_config["bits"])

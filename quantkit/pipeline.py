@@ -376,8 +376,8 @@ def preflight(model, targets: Sequence[str], recipe: Recipe | None = None, progr
         raise QuantkitError(f"a target is listed twice in {', '.join(names)}; list each once")
     unbudgeted = [t.name for t in parsed if recipe.budgeted and not t.takes_budget]
     if unbudgeted:
-        raise QuantkitError(f"--target-bpw / --max-size choose GGUF tensor types; {unbudgeted[0]} cannot take a budget "
-                            "yet (per-module bits for hf-gptq are not implemented); ship it in a run without one")
+        raise QuantkitError(f"--target-bpw / --max-size choose per-tensor types of gguf and hf-gptq targets; "
+                            f"{unbudgeted[0]} cannot take a budget; ship it in a run without one")
     source = ModelSource(model)
     quantized = quantized_tensor_names(source, recipe)
     int_targets = [t.name for t in parsed if isinstance(t.grid(recipe), IntGrid)]

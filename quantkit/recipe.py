@@ -54,9 +54,9 @@ class Recipe:
     max_ppl_increase_pct: float | None = None
     max_kld: float | None = None
     min_top1: float | None = None
-    # GGUF mixed precision under a budget: per-matrix types chosen by predicted loss (quantkit.budget)
-    target_bpw: float | None = None  # bits per weight over the file's tensors, as llama.cpp reports it
-    max_size: str | None = None  # file size: bytes or a number with a unit (90MB, 1.5GiB)
+    # gguf / hf-gptq mixed precision under a budget: per-matrix types chosen by predicted loss (quantkit.budget)
+    target_bpw: float | None = None  # GGUF: over the file's tensors, as llama.cpp reports it; hf-gptq: over its linears
+    max_size: str | None = None  # file (GGUF) or weight files (hf-gptq): bytes or with a unit (90MB, 1.5GiB)
     verify: bool = True  # False (--no-verify): export only; no reference, no runtime, no gate
     # accept artifacts whose runtime tokenizes differently from tokenizer.json (recorded in the manifest)
     allow_tokenizer_mismatch: bool = False

@@ -22,6 +22,7 @@ from gguf.gguf_writer import WriterState
 from tqdm import tqdm
 
 from quantkit.arch.base import hparam
+from quantkit.budget import BudgetFrame
 from quantkit.errors import QuantkitError
 from quantkit.grids import GGUF_GRIDS, GGUF_TYPES, GGUFBlockGrid, Grid, QuantizedWeight
 from quantkit.llamacpp import without_extra_buffer_types
@@ -272,7 +273,7 @@ class GGUFTarget(Target):
                                     "quantized file type (e.g. gguf:Q4_K_M) with --target-bpw / --max-size")
             self._budget_frame(plan, ctx.source).check(ctx.recipe, self.name)
 
-    def _budget_frame(self, plan: GGUFPlan, source: ModelSource) -> gguf_budget.BudgetFrame:
+    def _budget_frame(self, plan: GGUFPlan, source: ModelSource) -> BudgetFrame:
         return gguf_budget.frame(plan, self._block_linears(plan, source), self._header_bytes(source, plan))
 
     def _header_bytes(self, source: ModelSource, plan: GGUFPlan) -> int:
@@ -334,8 +335,8 @@ class GGUFTarget(Target):
         """The plan with the budget's types for the block matrices; the manifest entry; the sensitivity plot."""
         frame = self._budget_frame(plan, ctx.source)
         plan, allocation = gguf_budget.allocate_plan(plan, frame, ctx.recipe, ctx.quantizer, ctx.source, ctx.progress)
-        plot = gguf_budget.plot_sensitivity(allocation, ctx.source.n_layers, path.with_suffix(".budget.png"))
-        note, entry = gguf_budget.report(allocation, frame, ctx.recipe, plot)
+        plot = gguf_budget.plot(allocation, ctx.source.n_layers, path.with_suffix(".budget.png"))
+        note, entry = frame.report(allocation, ctx.recipe, plot)
         return replace(plan, notes=(*plan.notes, note)), entry
 
     def _tensor_chunks(self, ctx: ExportContext, t: PlannedTensor, grids: GridPlan | None) -> Iterator[np.ndarray]:

@@ -21,6 +21,7 @@ from quantkit.errors import QuantkitError
 from quantkit.grids import Grid, QuantizedWeight
 from quantkit.quiet import silenced
 from quantkit.recipe import Recipe
+from quantkit.sequential import GridPlan
 from quantkit.targets.base import ExportContext, ExportReport, Target
 
 WEIGHTS = "model.safetensors"
@@ -80,9 +81,10 @@ class ShardWriter:
 def write_quantized_checkpoint(ctx: ExportContext, path: Path, grid: Grid,
                                pack: Callable[[QuantizedWeight], dict[str, torch.Tensor]],
                                quantization_config: dict, dtype: torch.dtype = torch.float16,
-                               notes: tuple[str, ...] = ()) -> ExportReport:
+                               notes: tuple[str, ...] = (), plan: GridPlan | None = None) -> ExportReport:
     """An HF folder: quantized linears packed by ``pack``, every other tensor in ``dtype`` (as the
-    method left it: AWQ rescales norms), config with ``quantization_config``, tokenizer copied."""
+    method left it: AWQ rescales norms), config with ``quantization_config``, tokenizer copied.
+    With a ``plan`` each block linear is quantized on its own grid of it (in one layer-by-layer pass)."""
     source = ctx.source
     quantized = set(ctx.quantized_names)
     rename = source.arch.checkpoint_name
@@ -92,10 +94,11 @@ def write_quantized_checkpoint(ctx: ExportContext, path: Path, grid: Grid,
                      leave=False):
         if name in quantized:
             prefix = rename(name).removesuffix(".weight")
-            for key, value in pack(ctx.quantize(name, grid)).items():
+            own = plan.grid_for(name) if plan else grid
+            for key, value in pack(ctx.quantize(name, own, plan)).items():
                 writer.add(f"{prefix}.{key}", value)
         else:
-            writer.add(rename(name), ctx.load(name, grid).to(dtype))
+            writer.add(rename(name), ctx.load(name, grid, plan).to(dtype))
     writer.close()
     config = dict(source.config)
     config.pop("torch_dtype", None)
@@ -115,22 +118,45 @@ def copy_model_files(source_dir: Path, dest: Path) -> None:
 def hf_logits(path: Path, ids: torch.Tensor, progress: bool, **load_options) -> Iterator[np.ndarray]:
     """Logits from the checkpoint folder loaded by transformers with its own quantization backend
     (``load_options`` go to ``from_pretrained``)."""
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
     hf_logging.disable_progress_bar()
     try:
         # gptqmodel prints banners and logs on stdout; keep stdout clean for --json (and quiet runs silent)
-        with contextlib.redirect_stdout(sys.stderr), silenced(), fused_experts_split(path):
-            # fp32 activations: what a CPU deployment runs; the packed weights are decoded by the backend
-            model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32, **load_options)
+        with contextlib.redirect_stdout(sys.stderr), silenced():
+            model = _load_for_logits(path, load_options)
     except ImportError as exc:
         raise QuantkitError(f"transformers cannot load {path.name} ({exc}); pip install 'quantkit[hf]'") from None
     model.eval()
     with torch.no_grad():
         for row in tqdm(ids, desc=f"transformers {path.name}", unit="seq", disable=not progress, leave=False):
             yield model(input_ids=row[None]).logits[0].float().numpy()
+
+
+def has_dynamic(path: Path) -> bool:
+    """Whether the folder's GPTQ config gives some modules their own bits (GPTQModel's ``dynamic``)."""
+    config = json.loads((path / "config.json").read_text())
+    return bool((config.get("quantization_config") or {}).get("dynamic"))
+
+
+def _load_for_logits(path: Path, load_options: dict) -> torch.nn.Module:
+    """The folder as a transformers model in fp32 activations (what a CPU deployment runs; the backend decodes the
+    packed weights). Per-module bits (``dynamic``) are read by GPTQModel's loader: transformers' own GPTQ
+    integration (optimum) ignores them and would unpack every module at the default width."""
+    if has_dynamic(path):
+        from gptqmodel import BACKEND, GPTQModel
+
+        # gptqmodel's automatic choice takes one kernel for every module from the default bits; its plain torch
+        # kernel reads each module at its own width. That kernel loads only in 16 bits; it decodes its weights to
+        # the input's dtype, so the model then runs in fp32 like the other checks
+        model = GPTQModel.load(str(path), device="cpu", dtype=torch.float16, backend=BACKEND.GPTQ_TORCH,
+                               **load_options).model
+        return model.float()
+    from transformers import AutoModelForCausalLM
+
+    with fused_experts_split(path):
+        return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32, **load_options)
 
 
 _ABSENT = object()

@@ -15,10 +15,12 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.grids import PER_TENSOR, IntGrid, QuantizedWeight
 from quantkit.packing import pack_along_columns, pack_along_rows
+from quantkit.recipe import Recipe
+from quantkit.sequential import GridPlan
+from quantkit.targets import hf_checkpoint, hf_gptq_budget
 from quantkit.targets.base import ExportContext, ExportReport
 from quantkit.targets.hf_checkpoint import HFCheckpointTarget, unsigned_codes_and_zeros, write_quantized_checkpoint
-
-PACKABLE_BITS = (2, 4, 8)
+from quantkit.targets.hf_gptq_budget import PACKABLE_BITS
 
 
 def gptq_tensors(qw: QuantizedWeight, group_size: int) -> dict[str, torch.Tensor]:
@@ -41,6 +43,26 @@ def gptq_tensors(qw: QuantizedWeight, group_size: int) -> dict[str, torch.Tensor
 
 class HFGPTQTarget(HFCheckpointTarget):
     kind = "hf-gptq"
+    takes_budget = True
+
+    def __init__(self, option: str | None):
+        super().__init__(option)
+        self._budget_label: str | None = None  # set by configure for --target-bpw / --max-size runs
+
+    def configure(self, recipe: Recipe) -> None:
+        super().configure(recipe)
+        self._budget_label = recipe.budget_label() if recipe.budgeted else None
+
+    def filename(self) -> str:
+        """``hf-gptq``; under a budget ``hf-gptq-4.50bpw``."""
+        return f"{self.kind}-{self._budget_label}" if self._budget_label else self.kind
+
+    def runtime(self) -> dict:
+        found = super().runtime()
+        if self._budget_label and self.checked_by != "quantkit":
+            # per-module bits are read by GPTQModel's own loader (transformers + optimum ignore them)
+            found["name"] = "gptqmodel (GPTQModel.load over transformers)"
+        return found
 
     def validate(self, ctx: ExportContext) -> None:
         grid = self.grid(ctx.recipe)
@@ -57,10 +79,19 @@ class HFGPTQTarget(HFCheckpointTarget):
             if rows % per_word or cols % per_word:
                 raise QuantkitError(f"hf-gptq packs {per_word} {grid.bits}-bit codes per int32: {name} ({rows}x{cols}) "
                                     f"needs both dimensions divisible by {per_word}; use more bits or --exclude it")
+        if ctx.recipe.budgeted:
+            self._budget_frame(ctx, grid).check(ctx.recipe, self.name)
+
+    @staticmethod
+    def _budget_frame(ctx: ExportContext, grid: IntGrid):
+        return hf_gptq_budget.frame(ctx, grid, hf_checkpoint.MAX_SHARD_BYTES)
 
     def export(self, ctx: ExportContext, path: Path) -> ExportReport:
         grid: IntGrid = self.grid(ctx.recipe)
-        return write_quantized_checkpoint(ctx, path, grid, lambda qw: gptq_tensors(qw, grid.group_size), {
+        plan, budget, notes = None, None, ()
+        if ctx.recipe.budgeted:
+            plan, budget, notes = self._budgeted(ctx, grid, path)
+        config = {
             "quant_method": "gptq",
             "bits": grid.bits,
             "group_size": grid.group_size,
@@ -73,4 +104,23 @@ class HFGPTQTarget(HFCheckpointTarget):
             "checkpoint_format": "gptq",
             "pack_dtype": "int32",
             "lm_head": ctx.source.arch.lm_head in ctx.quantized_names,
-        })
+        }
+        if plan is not None and plan.overrides:
+            config["dynamic"] = hf_gptq_budget.dynamic_config(plan, ctx.source.arch.checkpoint_name)
+        report = write_quantized_checkpoint(ctx, path, grid, lambda qw: gptq_tensors(qw, grid.group_size), config,
+                                            notes=notes, plan=plan)
+        if budget is None:
+            return report
+        budget["bytes_bound"] = budget["bytes"]  # the allocation's bound (header entries at their longest)
+        budget["bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))  # measured
+        return ExportReport(report.notes, bits_per_weight=budget["bits_per_weight"], budget=budget)
+
+    def _budgeted(self, ctx: ExportContext, grid: IntGrid, path: Path) -> tuple[GridPlan, dict, tuple[str, ...]]:
+        """Each block linear's grid under the budget; the manifest entry; the sensitivity plot beside the folder."""
+        frame = self._budget_frame(ctx, grid)
+        plan, allocation = hf_gptq_budget.allocate_grids(ctx, frame, grid)
+        plot = hf_gptq_budget.plot(allocation, ctx.source.n_layers, path.with_name(f"{path.name}.budget.png"))
+        note, entry = frame.report(allocation, ctx.recipe, plot)
+        entry["bytes_means"] = "bytes of the weight files (*.safetensors), measured after writing"
+        entry["bits_per_weight_means"] = "over the quantized linears, scales, zero points and g_idx included"
+        return plan, entry, (note,)

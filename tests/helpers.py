@@ -22,8 +22,11 @@ def decoded_reference(folder, kind: str):
             if name.endswith(".qweight"):
                 prefix = name.removesuffix(".qweight")
                 if kind == "hf-gptq":
-                    w = gptq_dequantize(tensor, stored[f"{prefix}.qzeros"], stored[f"{prefix}.scales"],
-                                        stored[f"{prefix}.g_idx"], config["bits"])
+                    # each module's width from its own tensors (32 * qweight rows / inputs), not from the config:
+                    # a budgeted folder gives modules their own bits
+                    g_idx = stored[f"{prefix}.g_idx"]
+                    bits = 32 * tensor.shape[0] // g_idx.shape[0]
+                    w = gptq_dequantize(tensor, stored[f"{prefix}.qzeros"], stored[f"{prefix}.scales"], g_idx, bits)
                 else:
                     w = awq_dequantize(tensor, stored[f"{prefix}.qzeros"], stored[f"{prefix}.scales"],
                                        config["group_size"])

@@ -139,7 +139,9 @@ def test_budget_with_gptq_quantizes_the_mixed_types_in_one_pass(tmp_path):
     ("--max-size", "1GB", r"--max-size 1GB is outside what gguf:Q4_K_M can reach for this model: \d+ to \d+ bytes"),
     ("--target-bpw", "40", r"--target-bpw 40.0 is out of range"),
     ("--max-size", "lots", r"is not a size"),
-    ("--target-bpw", "4.5 --targets hf-gptq", r"hf-gptq cannot take a budget yet"),
+    ("--target-bpw", "4.5 --targets hf-awq", r"hf-awq cannot take a budget"),
+    ("--target-bpw", "9 --targets hf-gptq", r"--target-bpw 9.0 is outside what hf-gptq can reach for this model: "
+                                            r"2\.\d+ to 8\.\d+ bits per weight"),
 ])
 def test_a_budget_out_of_reach_is_refused_with_the_range(tmp_path, capsys, flag, value, message):
     argv = ["ship", "--targets", "gguf:Q4_K_M", flag, *value.split(), "--out", str(tmp_path / "o"), "--quiet"]
@@ -147,3 +149,48 @@ def test_a_budget_out_of_reach_is_refused_with_the_range(tmp_path, capsys, flag,
     err = capsys.readouterr().err
     assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_hf_gptq_budget_gives_modules_their_own_bits_and_gptqmodel_reads_them(tmp_path):
+    """GPTQ on the embedded model under a weight-files budget: the folder mixes 4- and 8-bit linears named by
+    GPTQModel's ``dynamic``, fits its --max-size, and gptqmodel's loader (the checking runtime) computes the logits
+    of the weights our packing reference decodes module by module; transformers' own GPTQ loading, which ignores
+    ``dynamic``, refuses the folder rather than misreading it."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.data import make_samples
+    from quantkit.kernels.quant_linear import load_quantized_model
+    from quantkit.model import ModelSource
+    from quantkit.targets.hf_checkpoint import hf_logits
+    from tests.helpers import decoded_reference
+
+    result = quantkit.ship(targets=["hf-gptq"], out=tmp_path / "o", method="gptq", max_size="6.2MB",
+                           calib_samples=8, eval_samples=2, seq_len=128)
+    artifact = result.artifacts[0]
+    folder = result.out_dir / artifact.path
+    stored = {}
+    for file in folder.glob("*.safetensors"):
+        stored.update(load_file(file))
+    assert artifact.budget["bytes"] == sum(f.stat().st_size for f in folder.glob("*.safetensors")) <= 6.2e6
+    widths = {n.removesuffix(".qweight"): 32 * t.shape[0] // stored[n.replace("qweight", "g_idx")].shape[0]
+              for n, t in stored.items() if n.endswith(".qweight")}
+    assert set(widths.values()) == {4, 8}, widths  # 2.4 MB above the all-4-bit size: some go to 8 bits
+    chosen = {n.removesuffix(".weight"): int(t.split("-")[0].removeprefix("int")) for n, t in
+              artifact.budget["types"].items()}
+    assert chosen == widths
+    dynamic = json.loads((folder / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert all(any(re.match(p.removeprefix("+:"), m) for p in dynamic) == (b == 8) for m, b in widths.items())
+    assert artifact.runtime["name"].startswith("gptqmodel") and artifact.verdict == "accepted", artifact.failures
+
+    ids = make_samples(ModelSource().tokenizer(), "builtin", "eval", 2, 128).ids
+    with torch.no_grad():
+        ours = decoded_reference(folder, "hf-gptq")(input_ids=ids).logits
+        quantkit_runtime = load_quantized_model(folder)(input_ids=ids).logits
+    theirs = torch.stack([torch.from_numpy(x) for x in hf_logits(folder, ids, progress=False)])
+    # same integers decoded by each; the differences are fp16 scales and matmul order (see test_hf_checkpoints)
+    bound = 1e-2 * max(ours.abs().max().item(), 1.0)
+    assert (theirs - ours).abs().max().item() < bound and (quantkit_runtime - ours).abs().max().item() < bound
+    with pytest.raises(RuntimeError, match="mismatch"):
+        AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
