@@ -12,9 +12,10 @@ from quantkit.targets.hf_gptq import HFGPTQTarget
 from quantkit.targets.onnx import ONNXTarget
 from quantkit.targets.onnx_genai import OnnxGenaiTarget
 from quantkit.targets.ort import ORTTarget
+from quantkit.targets.tflite import TFLiteTarget
 
 TARGETS: dict[str, type[Target]] = {t.kind: t for t in (GGUFTarget, HFGPTQTarget, HFAWQTarget, ONNXTarget, ORTTarget,
-                                                        OnnxGenaiTarget, ExecuTorchTarget,
+                                                        OnnxGenaiTarget, ExecuTorchTarget, TFLiteTarget,
                                                         CompressedTensorsTarget)}
 
 

@@ -78,7 +78,7 @@ def test_bench_writes_environment_and_one_measurement_per_artifact_and_workload(
     assert environment["type"] == "environment" and environment["schema"] == "quantkit.bench/1"
     assert {"cpu", "cores", "memory_gb", "os", "runtimes", "quantkit", "artifacts"} <= environment.keys()
     assert set(environment["runtimes"]) == {"llama.cpp", "onnxruntime", "onnxruntime-genai", "transformers",
-                                            "quantkit", "executorch"}
+                                            "quantkit", "executorch", "litert"}
     assert sorted((m["artifact"]["runtime"], m["workload"]["prompt_tokens"]) for m in measurements) == [
         ("llama.cpp", 16), ("llama.cpp", 32), ("onnxruntime", 16), ("onnxruntime", 32), ("transformers", 16),
         ("transformers", 32)]

@@ -319,6 +319,55 @@ class ExecuTorchRunner(Runner):
         return int(self._forward([token]).argmax())
 
 
+class LiteRTRunner(Runner):
+    """LiteRT's interpreter over a ``.tflite`` full-sequence model (quantkit's tflite target has no KV cache): every
+    decode step re-runs the model over the whole sequence so far, padded to its fixed length (causal attention keeps
+    the padding out of the positions read)."""
+
+    name = "litert"
+    packages = ("ai-edge-litert",)
+
+    def __init__(self, path: Path, threads: int, n_ctx: int):
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            raise RunnerError("LiteRT is not installed; pip install 'quantkit[litert]'") from None
+        try:
+            self.runner = Interpreter(model_path=str(model_file(path)), num_threads=threads).get_signature_runner()
+        except (ValueError, RuntimeError) as exc:
+            raise RunnerError(f"LiteRT could not load {path} ({str(exc).splitlines()[0]})") from None
+        self.input, details = next(iter(self.runner.get_input_details().items()))
+        self.length = int(details["shape"][1])
+        if n_ctx - 1 > self.length:
+            raise RunnerError(f"{path.name} runs sequences of exactly {self.length} tokens (no KV cache); "
+                              "--prompt-tokens plus --gen-tokens must stay within it")
+        self.tokens: list[int] = []
+        self._vocab = None
+
+    @property
+    def vocab_size(self) -> int:
+        if self._vocab is None:
+            self._vocab = int(self._forward([0]).shape[-1])
+            self.tokens = []
+        return self._vocab
+
+    def _forward(self, tokens: list[int]) -> np.ndarray:
+        self.tokens += tokens
+        ids = np.zeros((1, self.length), dtype=np.int32)
+        ids[0, : len(self.tokens)] = self.tokens
+        return next(iter(self.runner(**{self.input: ids}).values()))[0, len(self.tokens) - 1]
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    def prefill(self, tokens: list[int]) -> int:
+        self.tokens = []
+        return int(self._forward(list(tokens)).argmax())
+
+    def step(self, token: int) -> int:
+        return int(self._forward([token]).argmax())
+
+
 class QuantkitRunner(TransformersRunner):
     """quantkit's own runtime over an hf-gptq / hf-awq folder: transformers' model with quantkit's QuantLinear
     layers (the Triton kernels on a GPU, their torch reference on a CPU). Chosen with ``--runtime quantkit``."""
@@ -342,13 +391,14 @@ class QuantkitRunner(TransformersRunner):
 
 
 RUNNERS: dict[str, type[Runner]] = {r.name: r for r in (LlamaCppRunner, OnnxRuntimeRunner, OnnxGenaiRunner,
-                                                        TransformersRunner, QuantkitRunner, ExecuTorchRunner)}
+                                                        TransformersRunner, QuantkitRunner, ExecuTorchRunner,
+                                                        LiteRTRunner)}
 
 
 def model_file(path: Path) -> Path:
     """The file a runtime opens for an artifact path (a folder artifact holds one model file)."""
     if path.is_dir():
-        for candidate in ("model.onnx", "model.ort", "model.pte"):
+        for candidate in ("model.onnx", "model.ort", "model.pte", "model.tflite"):
             if (path / candidate).is_file():
                 return path / candidate
     return path
@@ -359,13 +409,14 @@ def runtime_for(path: Path) -> str:
     if path.is_dir() and (path / "genai_config.json").is_file():
         return "onnxruntime-genai"
     suffix = model_file(path).suffix
-    by_suffix = {".gguf": "llama.cpp", ".onnx": "onnxruntime", ".ort": "onnxruntime", ".pte": "executorch"}
+    by_suffix = {".gguf": "llama.cpp", ".onnx": "onnxruntime", ".ort": "onnxruntime", ".pte": "executorch",
+                 ".tflite": "litert"}
     if suffix in by_suffix:
         return by_suffix[suffix]
     if path.is_dir() and (path / "config.json").is_file():
         return "transformers"  # an hf-gptq / hf-awq checkpoint, or the unquantized model folder
-    raise RunnerError(f"no runtime loads {path}: expected a .gguf file, an ONNX/ORT or ExecuTorch folder, a .pte "
-                      "program, a Hugging Face folder, a manifest.json or a quantkit output folder")
+    raise RunnerError(f"no runtime loads {path}: expected a .gguf file, an ONNX/ORT, ExecuTorch or LiteRT folder, a .pte "
+                      "program, a .tflite model, a Hugging Face folder, a manifest.json or a quantkit output folder")
 
 
 def cpu_count() -> int:

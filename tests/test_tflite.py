@@ -1,0 +1,112 @@
+"""tflite: LiteRT files run by LiteRT's own interpreter (ai-edge-litert), holding quantkit's weights: read back from
+the flatbuffer they equal round-to-nearest on the target's grid computed here, the fp32 file computes transformers'
+logits, and the quantized files pass the accuracy gate in LiteRT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import quantkit
+from quantkit.errors import QuantkitError
+from quantkit.methods.rtn import RoundToNearest
+from quantkit.model import ModelSource
+from quantkit.targets import parse_target
+from quantkit.targets.tflite import MODEL_FILE, fully_connected_weights, litert_grid, load_runner
+from tests.runtimes import require
+
+require("litert_torch")  # converts
+require("ai_edge_litert")  # runs
+
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tflite")
+    return quantkit.ship(targets=["tflite", "tflite:8da8w", "tflite:fp32"], out=out, group_size=32, eval_samples=2,
+                         seq_len=SEQ)
+
+
+def artifact(result, target: str):
+    return next(a for a in result.artifacts if a.target == target)
+
+
+def test_every_file_runs_in_litert_and_passes_its_gate(shipped):
+    for art in shipped.artifacts:
+        assert art.runtime["name"].startswith("LiteRT interpreter") and art.runtime["version"]["ai-edge-litert"]
+        assert art.verdict == "accepted", (art.target, art.failures)
+        assert (shipped.out_dir / art.path / MODEL_FILE).is_file()
+        assert (shipped.out_dir / art.path / "tokenizer.json").is_file()
+    kld = {a.target: a.metrics["kld"] for a in shipped.artifacts}
+    assert kld["tflite:fp32"] < 1e-5 < kld["tflite:8da8w"] < kld["tflite:8da4w"], kld
+
+
+@pytest.mark.parametrize("target, bits, group_size", [("tflite:8da4w", 4, 32), ("tflite:8da8w", 8, -1)])
+def test_the_file_holds_the_grid_s_weights(shipped, target, bits, group_size):
+    """Each block linear's integer weights, decoded from the file's codes and scales, equal round-to-nearest of the
+    checkpoint's weight on the target's grid (int4 blocks with fp16 scales; int8 per channel in [-127, 127])."""
+    source = ModelSource()
+    grid = litert_grid(bits, group_size)
+    stored = [w["decoded"] for w in fully_connected_weights(shipped.out_dir / artifact(shipped, target).path / MODEL_FILE)
+              if "decoded" in w]
+    names = [n for i in range(source.n_layers) for n in source.arch.linear_weights(i)]
+    assert len(stored) == len(names)
+    unmatched = list(range(len(stored)))
+    for name in names:
+        qw = RoundToNearest().quantize_weight(source.load(name), grid)
+        assert qw.codes.min() >= grid.qmin and qw.codes.max() <= grid.qmax
+        expected = qw.dequantize().numpy()
+        hit = next((i for i in unmatched if stored[i].shape == expected.shape and np.array_equal(stored[i], expected)),
+                   None)
+        assert hit is not None, f"{name}: no FULLY_CONNECTED weight in the file equals the grid's"
+        unmatched.remove(hit)
+
+
+def test_fp32_file_computes_transformers_logits(shipped):
+    runner, length = load_runner(shipped.out_dir / artifact(shipped, "tflite:fp32").path)
+    ids = torch.randint(0, 4096, (1, length), generator=torch.Generator().manual_seed(0))
+    ours = next(iter(runner(args_0=ids.numpy().astype(np.int32)).values()))[0]
+    with torch.no_grad():
+        reference = ModelSource().hf_model()(input_ids=ids).logits[0].numpy()
+    # same fp32 weights; LiteRT's kernels sum in another order (seen: 5e-6 on logits of magnitude ~10)
+    assert np.abs(ours - reference).max() < 1e-3 and length == SEQ
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(scheme="asym"), "symmetric weights only"),
+    (dict(group_size=16), "blocks of 32, 64, 128, 256"),
+    (dict(quantize_embeddings=True), "drop --quantize-embeddings"),
+])
+def test_impossible_options_fail_before_any_work(tmp_path, options, message):
+    out = tmp_path / "o"
+    with pytest.raises(QuantkitError, match=message):
+        quantkit.ship(targets=["tflite"], out=out, verbose=False, **options)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(QuantkitError, match="8da4w, 8da8w, fp32"):
+        parse_target("tflite:w3")
+
+
+def test_bench_runner_decodes_transformers_greedy_tokens(shipped):
+    """quantkit bench's LiteRT runner over the fp32 file: a prompt, then one token per full-sequence run (padded to
+    the file's length); the tokens equal transformers' greedy generation from the same prompt."""
+    from quantkit.bench.runners import LiteRTRunner, runtime_for
+
+    folder = shipped.out_dir / artifact(shipped, "tflite:fp32").path
+    assert runtime_for(folder) == "litert"
+    runner = LiteRTRunner(folder, threads=1, n_ctx=33)
+    prompt = list(range(40, 56))
+    token, generated = runner.prefill(prompt), []
+    for _ in range(16):
+        generated.append(token)
+        token = runner.step(token)
+    with torch.no_grad():
+        expected = ModelSource().hf_model().generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16,
+                                                     do_sample=False)[0, len(prompt):].tolist()
+    assert generated == expected
+    with pytest.raises(Exception, match=f"exactly {SEQ} tokens"):
+        LiteRTRunner(folder, threads=1, n_ctx=SEQ + 8)
