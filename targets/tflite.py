@@ -135,8 +135,8 @@ def quantize_linears(float_model: Path, path: Path, grid: IntGrid) -> None:
 def fully_connected_weights(path: Path) -> list[dict]:
     """Each FULLY_CONNECTED op's weight in the file: name of the op's output, dtype, and, for integer weights, the
     decoded float values (codes x scales, read from the flatbuffer)."""
-    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
     from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
 
     model = fb.read_model(str(path))
     graph = model.subgraphs[0]
@@ -224,8 +224,9 @@ class TFLiteTarget(Target):
                                 "point); use --scheme sym")
         if grid.bits == 4 and grid.group_size not in (*BLOCK_SIZES, PER_CHANNEL):
             shown = "per tensor" if grid.group_size == PER_TENSOR else grid.group_size
-            raise QuantkitError(f"{self.name}: LiteRT's int4 weights come in blocks of {', '.join(map(str, BLOCK_SIZES))}"
-                                f" or per channel (-1), not {shown}; set --group-size to one of those")
+            blocks = ", ".join(map(str, BLOCK_SIZES))
+            raise QuantkitError(f"{self.name}: LiteRT's int4 weights come in blocks of {blocks} or per channel (-1), "
+                                f"not {shown}; set --group-size to one of those")
         excluded = set(self._block_linears(ctx)) - set(ctx.quantized_names)
         if excluded:
             raise QuantkitError(f"{self.name} quantizes every block linear; {sorted(excluded)[0]} is excluded: drop "

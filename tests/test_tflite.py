@@ -49,8 +49,8 @@ def test_the_file_holds_the_grid_s_weights(shipped, target, bits, group_size):
     checkpoint's weight on the target's grid (int4 blocks with fp16 scales; int8 per channel in [-127, 127])."""
     source = ModelSource()
     grid = litert_grid(bits, group_size)
-    stored = [w["decoded"] for w in fully_connected_weights(shipped.out_dir / artifact(shipped, target).path / MODEL_FILE)
-              if "decoded" in w]
+    path = shipped.out_dir / artifact(shipped, target).path / MODEL_FILE
+    stored = [w["decoded"] for w in fully_connected_weights(path) if "decoded" in w]
     names = [n for i in range(source.n_layers) for n in source.arch.linear_weights(i)]
     assert len(stored) == len(names)
     unmatched = list(range(len(stored)))

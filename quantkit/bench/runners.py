@@ -415,8 +415,9 @@ def runtime_for(path: Path) -> str:
         return by_suffix[suffix]
     if path.is_dir() and (path / "config.json").is_file():
         return "transformers"  # an hf-gptq / hf-awq checkpoint, or the unquantized model folder
-    raise RunnerError(f"no runtime loads {path}: expected a .gguf file, an ONNX/ORT, ExecuTorch or LiteRT folder, a .pte "
-                      "program, a .tflite model, a Hugging Face folder, a manifest.json or a quantkit output folder")
+    raise RunnerError(f"no runtime loads {path}: expected a .gguf file, an ONNX/ORT, ExecuTorch or LiteRT folder, "
+                      "a .pte program, a .tflite model, a Hugging Face folder, a manifest.json or a quantkit output "
+                      "folder")
 
 
 def cpu_count() -> int:
