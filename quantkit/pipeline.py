@@ -380,10 +380,10 @@ def preflight(model, targets: Sequence[str], recipe: Recipe | None = None, progr
                             f"{unbudgeted[0]} cannot take a budget; ship it in a run without one")
     source = ModelSource(model)
     quantized = quantized_tensor_names(source, recipe)
-    int_targets = [t.name for t in parsed if isinstance(t.grid(recipe), IntGrid)]
-    if int_targets:  # GGUF types fix their own blocks: --group-size only matters to these
-        check_grid_fits(source, quantized, recipe.int_grid(),
-                        f"--group-size {recipe.group_size} (the grid of {', '.join(int_targets)})")
+    for target in parsed:  # GGUF types fix their own blocks; integer grids take --group-size (or are per channel)
+        grid = target.grid(recipe)
+        if isinstance(grid, IntGrid) and grid.group_size > 0:
+            check_grid_fits(source, quantized, grid, f"--group-size {grid.group_size} (the grid of {target.name})")
     ctx = ExportContext(source, recipe, quantized, progress=progress)
     method = METHODS[recipe.method].from_recipe(recipe)
     for target in parsed:

@@ -110,3 +110,12 @@ def test_bench_runner_decodes_transformers_greedy_tokens(shipped):
     assert generated == expected
     with pytest.raises(Exception, match=f"exactly {SEQ} tokens"):
         LiteRTRunner(folder, threads=1, n_ctx=SEQ + 8)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_other_families_convert_and_pass(tiny_models, tmp_path, family):
+    """Qwen2 (linear biases) and Phi-3 (fused qkv and gate_up): every block linear stored as integers (the export
+    checks the count) and the file accepted by the default gate in LiteRT."""
+    result = quantkit.ship(tiny_models[family], targets=["tflite:8da8w"], out=tmp_path / "o", eval_samples=2,
+                           seq_len=SEQ, verbose=False)
+    assert result.artifacts[0].verdict == "accepted", result.artifacts[0].failures
