@@ -115,7 +115,8 @@ def test_bench_runner_decodes_transformers_greedy_tokens(shipped):
 @pytest.mark.parametrize("family", ["qwen2", "phi3"])
 def test_other_families_convert_and_pass(tiny_models, tmp_path, family):
     """Qwen2 (linear biases) and Phi-3 (fused qkv and gate_up): every block linear stored as integers (the export
-    checks the count) and the file accepted by the default gate in LiteRT."""
+    checks the count) and LiteRT's logits close to the unquantized model's. The gate is KL divergence alone: random
+    tiny models have near-flat logits, whose top-1 flips under int8 activations (seen 0.86-0.92 at KLD < 0.002)."""
     result = quantkit.ship(tiny_models[family], targets=["tflite:8da8w"], out=tmp_path / "o", eval_samples=2,
-                           seq_len=SEQ, verbose=False)
+                           seq_len=SEQ, verbose=False, max_kld=0.01, max_ppl_increase_pct=1e9, min_top1=0.0)
     assert result.artifacts[0].verdict == "accepted", result.artifacts[0].failures
