@@ -2,7 +2,7 @@
 folder scored by quantkit's check in its own runtime: GPTQModel.load for the budgeted folders (transformers'
 own GPTQ loading refuses per-module widths), transformers + gptqmodel for the uniform ones.
 
-    python benchmarks/budget_hf.py measure SMOLLM2 [--group-size 64] [--budgets 5.0,6.0]
+    python benchmarks/budget_hf.py measure SMOLLM2 [--group-size 64] [--budgets 5.0,6.0] [--budgets-only]
     python benchmarks/budget_hf.py report        # results/budget_hf.md from results/budget_hf.json
 
 Runs, all GPTQ with symmetric scales on the prose calibration text (real_models.py's setup): uniform 4 bits at
@@ -55,16 +55,27 @@ def measure(args) -> dict:
         data = ["--calib", str(calib), "--calib-samples", str(CALIB_SAMPLES), "--eval", str(evals),
                 "--eval-samples", str(EVAL_SAMPLES), "--seq-len", str(SEQ_LEN)]
         g, half = args.group_size, args.group_size // 2
-        rows.append(ship(args.model, tmp / "u4", data, "--bits", "4", "--group-size", str(g)))
-        small_groups = ship(args.model, tmp / "u4half", data, "--bits", "4", "--group-size", str(half))
+        uniform = {r["options"]: r for r in _previous_rows(args.model.name)} if args.budgets_only else {}
+
+        def uniform_row(name: str, *options: str) -> dict:
+            return uniform.get(" ".join(options)) or ship(args.model, tmp / name, data, *options)
+
+        rows.append(uniform_row("u4", "--bits", "4", "--group-size", str(g)))
+        small_groups = uniform_row("u4half", "--bits", "4", "--group-size", str(half))
         rows.append(small_groups)
         budgets = [f"{small_groups['bits_per_weight']:.3f}", *args.budgets.split(",")]
         for i, bpw in enumerate(budgets):
             rows.append(ship(args.model, tmp / f"b{i}", data, "--bits", "4", "--group-size", str(g),
                              "--target-bpw", bpw))
-        rows.append(ship(args.model, tmp / "u8", data, "--bits", "8", "--group-size", str(g)))
+        rows.append(uniform_row("u8", "--bits", "8", "--group-size", str(g)))
     command = "python benchmarks/budget_hf.py " + " ".join(sys.argv[1:])
     return {"model": args.model.name, "rows": rows, "command": command, "environment": environment()}
+
+
+def _previous_rows(model: str) -> list[dict]:
+    """The uniform rows of the committed result for ``model`` (--budgets-only: only the budgeted runs are redone)."""
+    previous = json.loads(JSON_PATH.read_text()).get(model, {}) if JSON_PATH.exists() else {}
+    return [r for r in previous.get("rows", []) if "--target-bpw" not in r["options"]]
 
 
 def report() -> str:
@@ -103,6 +114,8 @@ def main() -> None:
     m.add_argument("--group-size", type=int, default=64)
     m.add_argument("--budgets", default="5.0,6.0")
     m.add_argument("--scratch", default=None)
+    m.add_argument("--budgets-only", action="store_true",
+                   help="keep the uniform rows of the committed result for this model; redo the budgeted runs")
     sub.add_parser("report")
     args = parser.parse_args()
     if args.command == "measure":

@@ -4,7 +4,9 @@ written as GPTQModel's ``dynamic`` per-module overrides beside the default ``bit
 
 Accounting: ``--target-bpw`` is over the quantized linears' weights, their scales, zero points and g_idx
 included (the figure GPTQ/EXL2 users quote; embeddings stay fp16 in this format and would swamp it);
-``--max-size`` is the bytes of the weight files (``*.safetensors``), headers included.
+``--max-size`` is the bytes of the weight files (``*.safetensors``), headers included. Widths below ``--bits`` are
+candidates only for a budget that cannot hold every block linear at ``--bits``: above that, the budget only buys
+upgrades (on SmolLM2, 2-bit matrices traded for 8-bit ones predicted a gain and measured a loss).
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ def allocate_grids(ctx: ExportContext, budget: BudgetFrame, default: IntGrid) ->
     """The grid of every block linear under the budget, and the allocation."""
     from tqdm import tqdm
 
+    allowed = budget.budget_bytes(ctx.recipe)
+    floor = default.bits if allowed >= sum(IntCandidate(default).nbytes(_shape(ctx, n)) for n in budget.movable) else 0
     options, grids = {}, {}
     for name in tqdm(budget.movable, desc="budget: error per bit width", unit="matrix", disable=not ctx.progress,
                      leave=False):
@@ -115,11 +119,13 @@ def allocate_grids(ctx: ExportContext, budget: BudgetFrame, default: IntGrid) ->
         if importance is None:
             raise QuantkitError("a size budget needs calibration text to predict each width's loss; it was not loaded")
         shape = _shape(ctx, name)
-        found = candidates(default, shape)
+        # no matrix goes below --bits to pay for another's upgrade while every one fits at --bits: measured on
+        # SmolLM2 (benchmarks/results/budget_hf.md), such 2-bit trades cost far more than the proxy predicts
+        found = [c for c in candidates(default, shape) if c.grid.bits >= floor]
         grids.update({c.name: c.grid for c in found})
         rows = (chunk for _, chunk in ctx.source.row_chunks(name))
         options[name] = matrix_options(rows, importance, shape, found)
-    allocation = allocate(options, budget.budget_bytes(ctx.recipe))
+    allocation = allocate(options, allowed)
     overrides = tuple((n, grids[t]) for n, t in sorted(allocation.types.items()) if grids[t] != default)
     return GridPlan(default, overrides), allocation
 
