@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantkit.grids import Grid, QuantizedWeight
+from quantkit.grids import PER_CHANNEL, Grid, QuantizedWeight
 from quantkit.methods.rtn import RoundToNearest
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe
@@ -149,3 +149,26 @@ class Target(ABC):
     def verify_tokenizer(self, path: Path, tokenizer, texts: list[str]) -> dict | None:
         """Compare the runtime's tokenization with the Hugging Face tokenizer's, if it has one."""
         return None
+
+
+class DynamicActivationTarget(Target):
+    """A mobile target whose option fixes the weight layout, with int8 activations quantized at run time:
+    ``8da4w`` (int4 weights in groups of ``--group-size``), ``8da8w`` (int8 per channel) or ``fp32``."""
+
+    WEIGHT_BITS = {"8da4w": 4, "8da8w": 8, "fp32": None}
+    DEFAULT_OPTION = "8da4w"
+
+    def __init__(self, option: str | None):
+        option = option or self.DEFAULT_OPTION
+        if option not in self.WEIGHT_BITS:
+            from quantkit.errors import QuantkitError
+
+            raise QuantkitError(f"{self.kind} option {option!r} is unknown; use one of: {', '.join(self.WEIGHT_BITS)}")
+        super().__init__(option)
+
+    def weight_layout(self, recipe: Recipe) -> tuple[int, int] | None:
+        """(bits, group size) of the stored weights; None for fp32."""
+        bits = self.WEIGHT_BITS[self.option]
+        if bits is None:
+            return None
+        return bits, recipe.group_size if bits == 4 else PER_CHANNEL

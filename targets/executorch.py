@@ -46,13 +46,11 @@ from quantkit.errors import QuantkitError
 from quantkit.grids import PER_CHANNEL, PER_TENSOR, IntGrid, QuantizedWeight
 from quantkit.quiet import silenced
 from quantkit.recipe import Recipe
-from quantkit.targets.base import ExportContext, ExportReport, Target
+from quantkit.targets.base import DynamicActivationTarget, ExportContext, ExportReport
 from quantkit.targets.hf_checkpoint import copy_model_files
 
-WEIGHT_BITS = {"8da4w": 4, "8da8w": 8, "fp32": None}
 PROGRAM_FILE = "model.pte"
 DEFAULT_CONTEXT = 512  # KV-cache slots: every decode step attends over all of them (masked), so fewer is faster
-DEFAULT_OPTION = "8da4w"
 XNNPACK_GROUP_MULTIPLE = 32  # XNNPACK's blockwise int4 kernels take groups of 32k weights
 INSTALL_HINT = "pip install 'quantkit[executorch]'"
 
@@ -349,20 +347,14 @@ class ExecuTorchReport(ExportReport):
     delegation: Delegation | None = None  # how much of the program XNNPACK took
 
 
-class ExecuTorchTarget(Target):
+class ExecuTorchTarget(DynamicActivationTarget):
     kind = "executorch"
 
-    def __init__(self, option: str | None):
-        option = option or DEFAULT_OPTION
-        if option not in WEIGHT_BITS:
-            raise QuantkitError(f"executorch option {option!r} is unknown; use one of: {', '.join(WEIGHT_BITS)}")
-        super().__init__(option)
-
     def grid(self, recipe: Recipe) -> XnnpackGrid | None:
-        bits = WEIGHT_BITS[self.option]
-        if bits is None:
+        layout = self.weight_layout(recipe)
+        if layout is None:
             return None
-        group_size = recipe.group_size if bits == 4 else PER_CHANNEL
+        bits, group_size = layout
         return XnnpackGrid(bits=bits, group_size=group_size, symmetric=recipe.scheme == "sym")
 
     def filename(self) -> str:

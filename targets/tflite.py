@@ -36,11 +36,10 @@ from quantkit.errors import QuantkitError
 from quantkit.grids import PER_CHANNEL, PER_TENSOR, IntGrid
 from quantkit.quiet import silenced
 from quantkit.recipe import Recipe
-from quantkit.targets.base import ExportContext, ExportReport, Target
+from quantkit.targets.base import DynamicActivationTarget, ExportContext, ExportReport
+from quantkit.targets.executorch import LogitsOnly
 from quantkit.targets.hf_checkpoint import copy_model_files
 
-WEIGHT_BITS = {"8da4w": 4, "8da8w": 8, "fp32": None}
-DEFAULT_OPTION = "8da4w"
 BLOCK_SIZES = (32, 64, 128, 256)  # LiteRT's blockwise int4 granularities
 MODEL_FILE = "model.tflite"
 INSTALL_HINT = "pip install 'quantkit[litert]'"
@@ -76,15 +75,6 @@ class LiteRTGrid(IntGrid):
 
 def litert_grid(bits: int, group_size: int) -> LiteRTGrid:
     return LiteRTGrid(bits=bits, group_size=group_size, symmetric=True)
-
-
-class LogitsOnly(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
 
 
 def decoded_model(ctx: ExportContext, grid: IntGrid | None) -> nn.Module:
@@ -183,20 +173,12 @@ def litert_versions() -> dict[str, str | None]:
     return found
 
 
-class TFLiteTarget(Target):
+class TFLiteTarget(DynamicActivationTarget):
     kind = "tflite"
 
-    def __init__(self, option: str | None):
-        option = option or DEFAULT_OPTION
-        if option not in WEIGHT_BITS:
-            raise QuantkitError(f"tflite option {option!r} is unknown; use one of: {', '.join(WEIGHT_BITS)}")
-        super().__init__(option)
-
     def grid(self, recipe: Recipe) -> IntGrid | None:
-        bits = WEIGHT_BITS[self.option]
-        if bits is None:
-            return None
-        return litert_grid(bits, recipe.group_size if bits == 4 else PER_CHANNEL)
+        layout = self.weight_layout(recipe)
+        return None if layout is None else litert_grid(*layout)
 
     def bits_per_weight(self, recipe: Recipe) -> float:
         grid = self.grid(recipe)

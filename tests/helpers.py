@@ -49,3 +49,16 @@ def edge_weights() -> tuple[torch.Tensor, torch.Tensor]:
     importance = torch.rand(512, generator=g)
     importance[100:140] = 0.0  # columns that never fired
     return w, importance
+
+
+def runner_and_transformers_greedy(runner, prompt: list[int], n: int) -> tuple[list[int], list[int]]:
+    """``n`` greedy tokens from a bench runner (prefill, then one step per token) and from transformers' generate on
+    the embedded model, both after ``prompt``."""
+    token, generated = runner.prefill(prompt), []
+    for _ in range(n):
+        generated.append(token)
+        token = runner.step(token)
+    with torch.no_grad():
+        expected = ModelSource().hf_model().generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
+                                                     do_sample=False)[0, len(prompt):].tolist()
+    return generated, expected

@@ -18,6 +18,7 @@ from quantkit.bench.devices import AdbDevice, SshDevice
 from quantkit.bench.html import pareto_front, write_html
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
+from tests.helpers import runner_and_transformers_greedy
 from tests.runtimes import require, require_program
 
 require("llama_cpp")
@@ -312,23 +313,13 @@ def test_the_childs_memory_is_its_own_not_its_parents(shipped):
 def test_executorch_kv_program_decodes_transformers_greedy_tokens(tmp_path):
     """A KV-cache program (prefill, then one token per call at its position) against transformers' greedy
     decoding of the same fp32 weights: a cache slot or position error would pick other tokens."""
-    import torch
-
     from quantkit.bench.runners import ExecuTorchRunner
-    from quantkit.model import ModelSource
 
     out = tmp_path / "pte"
     assert main(["ship", "--targets", "executorch:fp32", "--out", str(out), "--no-verify", "--quiet"]) == 0
     runner = ExecuTorchRunner(out / "executorch-fp32", threads=1, n_ctx=40)
     assert runner.kv_cache
-    prompt = list(range(40, 56))
-    token, generated = runner.prefill(prompt), []
-    for _ in range(16):
-        generated.append(token)
-        token = runner.step(token)
-    with torch.no_grad():
-        expected = ModelSource(None).hf_model().generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16,
-                                                         do_sample=False)[0, len(prompt):].tolist()
+    generated, expected = runner_and_transformers_greedy(runner, list(range(40, 56)), 16)
     assert generated == expected
 
 

@@ -14,6 +14,7 @@ from quantkit.methods.rtn import RoundToNearest
 from quantkit.model import ModelSource
 from quantkit.targets import parse_target
 from quantkit.targets.tflite import MODEL_FILE, fully_connected_weights, litert_grid, load_runner
+from tests.helpers import runner_and_transformers_greedy
 from tests.runtimes import require
 
 require("litert_torch")  # converts
@@ -99,14 +100,7 @@ def test_bench_runner_decodes_transformers_greedy_tokens(shipped):
     folder = shipped.out_dir / artifact(shipped, "tflite:fp32").path
     assert runtime_for(folder) == "litert"
     runner = LiteRTRunner(folder, threads=1, n_ctx=33)
-    prompt = list(range(40, 56))
-    token, generated = runner.prefill(prompt), []
-    for _ in range(16):
-        generated.append(token)
-        token = runner.step(token)
-    with torch.no_grad():
-        expected = ModelSource().hf_model().generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16,
-                                                     do_sample=False)[0, len(prompt):].tolist()
+    generated, expected = runner_and_transformers_greedy(runner, list(range(40, 56)), 16)
     assert generated == expected
     with pytest.raises(Exception, match=f"exactly {SEQ} tokens"):
         LiteRTRunner(folder, threads=1, n_ctx=SEQ + 8)

@@ -256,7 +256,43 @@ class TransformersRunner(Runner):
         return self._run([token])
 
 
-class ExecuTorchRunner(Runner):
+class SequenceRunner(Runner):
+    """A runtime fed the whole sequence so far (or, with a KV cache, only its new tokens) by ``_forward``, which
+    returns the logits after them; greedy prefill and steps follow from it. A model of fixed length (no KV cache)
+    sets ``length``, and a workload longer than it is refused."""
+
+    tokens: list[int]
+    _vocab: int | None = None
+
+    def _forward(self, tokens: list[int]):
+        """Logits after ``tokens``, which extend ``self.tokens``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _check_fits(path: Path, length: int, n_ctx: int) -> None:
+        if n_ctx - 1 > length:
+            raise RunnerError(f"{path.name} runs sequences of exactly {length} tokens (no KV cache); "
+                              "--prompt-tokens plus --gen-tokens must stay within it")
+
+    @property
+    def vocab_size(self) -> int:
+        if self._vocab is None:
+            self._vocab = int(self._forward([0]).shape[-1])
+            self.tokens = []
+        return self._vocab
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    def prefill(self, tokens: list[int]) -> int:
+        self.tokens = []
+        return int(self._forward(list(tokens)).argmax())
+
+    def step(self, token: int) -> int:
+        return int(self._forward([token]).argmax())
+
+
+class ExecuTorchRunner(SequenceRunner):
     """The ExecuTorch runtime over a ``.pte``. A KV-cache program (``forward(tokens, input_pos)``) prefills the
     prompt in one call and then runs one token per call. A full-sequence program (families without a KV-cache
     program) has no cache, so every decode step re-runs the program over the whole sequence so far (padded to
@@ -282,18 +318,8 @@ class ExecuTorchRunner(Runner):
         self.kv_cache = has_kv_cache(self.method)
         if not self.kv_cache:
             self.length = int(tuple(self.method.metadata.input_tensor_meta(0).sizes())[-1])
-            if n_ctx - 1 > self.length:
-                raise RunnerError(f"{path.name} runs sequences of exactly {self.length} tokens (no KV cache); "
-                                  f"--prompt-tokens plus --gen-tokens must stay within it")
-        self.tokens: list[int] = []
-        self._vocab = None
-
-    @property
-    def vocab_size(self) -> int:
-        if self._vocab is None:
-            self._vocab = int(self._forward([0]).shape[-1])
-            self.tokens = []
-        return self._vocab
+            self._check_fits(path, self.length, n_ctx)
+        self.tokens = []
 
     def _forward(self, tokens: list[int]):
         """Logits after ``tokens``, which extend ``self.tokens`` (a KV-cache program computes only them)."""
@@ -308,18 +334,8 @@ class ExecuTorchRunner(Runner):
         ids[0, : len(self.tokens)] = torch.tensor(self.tokens)
         return self.method.execute([ids])[0][0, len(self.tokens) - 1]
 
-    def reset(self) -> None:
-        self.tokens = []
 
-    def prefill(self, tokens: list[int]) -> int:
-        self.tokens = []
-        return int(self._forward(list(tokens)).argmax())
-
-    def step(self, token: int) -> int:
-        return int(self._forward([token]).argmax())
-
-
-class LiteRTRunner(Runner):
+class LiteRTRunner(SequenceRunner):
     """LiteRT's interpreter over a ``.tflite`` full-sequence model (quantkit's tflite target has no KV cache): every
     decode step re-runs the model over the whole sequence so far, padded to its fixed length (causal attention keeps
     the padding out of the positions read)."""
@@ -338,34 +354,14 @@ class LiteRTRunner(Runner):
             raise RunnerError(f"LiteRT could not load {path} ({str(exc).splitlines()[0]})") from None
         self.input, details = next(iter(self.runner.get_input_details().items()))
         self.length = int(details["shape"][1])
-        if n_ctx - 1 > self.length:
-            raise RunnerError(f"{path.name} runs sequences of exactly {self.length} tokens (no KV cache); "
-                              "--prompt-tokens plus --gen-tokens must stay within it")
-        self.tokens: list[int] = []
-        self._vocab = None
-
-    @property
-    def vocab_size(self) -> int:
-        if self._vocab is None:
-            self._vocab = int(self._forward([0]).shape[-1])
-            self.tokens = []
-        return self._vocab
+        self._check_fits(path, self.length, n_ctx)
+        self.tokens = []
 
     def _forward(self, tokens: list[int]) -> np.ndarray:
         self.tokens += tokens
         ids = np.zeros((1, self.length), dtype=np.int32)
         ids[0, : len(self.tokens)] = self.tokens
         return next(iter(self.runner(**{self.input: ids}).values()))[0, len(self.tokens) - 1]
-
-    def reset(self) -> None:
-        self.tokens = []
-
-    def prefill(self, tokens: list[int]) -> int:
-        self.tokens = []
-        return int(self._forward(list(tokens)).argmax())
-
-    def step(self, token: int) -> int:
-        return int(self._forward([token]).argmax())
 
 
 class QuantkitRunner(TransformersRunner):
