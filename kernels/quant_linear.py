@@ -16,7 +16,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.kernels import reference
-from quantkit.packing import module_bits
+from quantkit.packing import module_layout
 
 BACKENDS = ("auto", "triton", "torch")
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
@@ -91,9 +91,10 @@ def load_quantized_model(folder: str | Path, dtype: torch.dtype = torch.float32,
                                 "check it with --runtime transformers")
         packed = {key: tensors[f"{name}.{key}"] for key in PACKED if f"{name}.{key}" in tensors}
         bias = tensors.get(f"{name}.bias")
-        group_size = quant["group_size"] if quant["group_size"] > 0 else linear.in_features
+        bits, group_size = module_layout(quant, name) if layout == "gptq" else (quant["bits"], quant["group_size"])
+        group_size = group_size if group_size > 0 else linear.in_features
         quant_linear = QuantLinear(linear.in_features, linear.out_features, layout, group_size, packed,
-                                   None if bias is None else bias.to(dtype), backend, module_bits(quant, name))
+                                   None if bias is None else bias.to(dtype), backend, bits)
         parent, _, child = name.rpartition(".")
         setattr(modules[parent], child, quant_linear)
     for name, tensor in tensors.items():

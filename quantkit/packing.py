@@ -89,13 +89,15 @@ def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
     return ((q - zeros[g]) * scales.float()[g]).T.contiguous()
 
 
-def module_bits(quantization_config: dict, module: str) -> int:
-    """The bits of ``module`` in a GPTQ config: the first ``dynamic`` rule that matches it, else ``bits``."""
+def module_layout(quantization_config: dict, module: str) -> tuple[int, int]:
+    """(bits, group size) of ``module`` in a GPTQ config: the first ``dynamic`` rule that matches it overrides the
+    config's ``bits`` / ``group_size``."""
+    bits, group_size = int(quantization_config["bits"]), int(quantization_config["group_size"])
     for pattern, override in (quantization_config.get("dynamic") or {}).items():
         sign, _, regex = pattern.rpartition(":")
         if re.match(regex, module):
             if sign == "-":
                 raise QuantkitError(f"{module} is excluded from quantization by a negative dynamic rule, yet "
                                     "stored quantized")
-            return int(override.get("bits", quantization_config["bits"]))
-    return int(quantization_config["bits"])
+            return int(override.get("bits", bits)), int(override.get("group_size", group_size))
+    return bits, group_size

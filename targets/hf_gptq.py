@@ -23,13 +23,14 @@ from quantkit.targets.hf_checkpoint import HFCheckpointTarget, unsigned_codes_an
 from quantkit.targets.hf_gptq_budget import PACKABLE_BITS
 
 
-def gptq_tensors(qw: QuantizedWeight, group_size: int) -> dict[str, torch.Tensor]:
-    """qweight, qzeros, scales and g_idx of one linear in the GPTQ v1 layout."""
+def gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """qweight, qzeros, scales and g_idx of one linear in the GPTQ v1 layout (groups of its own grid)."""
     rows, cols = qw.shape
     codes, zeros = unsigned_codes_and_zeros(qw)
     if qw.g_idx is not None:
         g_idx = qw.g_idx.to(torch.int32)
     else:
+        group_size = qw.grid.group_size
         group = cols if group_size <= 0 else group_size
         g_idx = (torch.arange(cols) // group).to(torch.int32)
     bits = qw.grid.bits
@@ -107,7 +108,7 @@ class HFGPTQTarget(HFCheckpointTarget):
         }
         if plan is not None and plan.overrides:
             config["dynamic"] = hf_gptq_budget.dynamic_config(plan, ctx.source.arch.checkpoint_name)
-        report = write_quantized_checkpoint(ctx, path, grid, lambda qw: gptq_tensors(qw, grid.group_size), config,
+        report = write_quantized_checkpoint(ctx, path, grid, gptq_tensors, config,
                                             notes=notes, plan=plan)
         if budget is None:
             return report

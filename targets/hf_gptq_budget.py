@@ -1,6 +1,7 @@
 """An hf-gptq folder under a size budget (``--target-bpw`` / ``--max-size``): each block linear stored at the
-bit width (2, 4 or 8; the recipe's group size and scheme) that the allocation of ``quantkit.budget`` gives it,
-written as GPTQModel's ``dynamic`` per-module overrides beside the default ``bits``.
+bit width (2, 4 or 8) and group size (the recipe's, or half of it down to 32) that the allocation of
+``quantkit.budget`` gives it, written as GPTQModel's ``dynamic`` per-module overrides beside the default ``bits``
+and ``group_size``.
 
 Accounting: ``--target-bpw`` is over the quantized linears' weights, their scales, zero points and g_idx
 included (the figure GPTQ/EXL2 users quote; embeddings stay fp16 in this format and would swamp it);
@@ -58,8 +59,24 @@ class IntCandidate:
         return RoundToNearest().quantize_weight(chunk.float(), self.grid).dequantize().numpy()
 
 
-def candidates(default: IntGrid, shape: tuple[int, int]) -> list[IntCandidate]:
-    return [IntCandidate(replace(default, bits=b)) for b in PACKABLE_BITS if packs(b, shape)]
+MIN_GROUP = 32  # the smallest group a budget offers (GPTQ checkpoints commonly use 32 to 128)
+
+
+def group_sizes(default: IntGrid, columns: int) -> list[int]:
+    """The recipe's group size and, where it leaves a group of at least MIN_GROUP dividing the rows, half of it:
+    smaller groups are the other way to spend bytes (measured on SmolLM2: at equal bytes, g32 beat g64 + 8-bit
+    upgrades)."""
+    sizes = [default.group_size]
+    half = default.group_size // 2
+    if default.group_size > 0 and half >= MIN_GROUP and columns % half == 0:
+        sizes.append(half)
+    return sizes
+
+
+def candidates(default: IntGrid, shape: tuple[int, int], floor: int = 0) -> list[IntCandidate]:
+    """Every packable width from ``floor`` bits up, at each of ``group_sizes``."""
+    return [IntCandidate(replace(default, bits=b, group_size=g)) for b in PACKABLE_BITS if b >= floor and
+            packs(b, shape) for g in group_sizes(default, shape[1])]
 
 
 def _shape(ctx: ExportContext, name: str) -> tuple[int, int]:
@@ -121,7 +138,7 @@ def allocate_grids(ctx: ExportContext, budget: BudgetFrame, default: IntGrid) ->
         shape = _shape(ctx, name)
         # no matrix goes below --bits to pay for another's upgrade while every one fits at --bits: measured on
         # SmolLM2 (benchmarks/results/budget_hf.md), such 2-bit trades cost far more than the proxy predicts
-        found = [c for c in candidates(default, shape) if c.grid.bits >= floor]
+        found = candidates(default, shape, floor)
         grids.update({c.name: c.grid for c in found})
         rows = (chunk for _, chunk in ctx.source.row_chunks(name))
         options[name] = matrix_options(rows, importance, shape, found)
@@ -131,12 +148,19 @@ def allocate_grids(ctx: ExportContext, budget: BudgetFrame, default: IntGrid) ->
 
 
 def dynamic_config(plan: GridPlan, checkpoint_name) -> dict[str, dict[str, int]]:
-    """GPTQModel's ``dynamic``: one positive rule per bit width other than the default, matching exactly the
-    modules stored at it (``+:^(a|b)$``)."""
-    by_bits: dict[int, list[str]] = {}
+    """GPTQModel's ``dynamic``: one positive rule per (bits, group size) other than the default, matching exactly the
+    modules stored at it (``+:^(a|b)$``), giving what differs from the default."""
+    by_layout: dict[tuple[int, int], list[str]] = {}
     for name, grid in plan.overrides:
-        by_bits.setdefault(grid.bits, []).append(re.escape(checkpoint_name(name).removesuffix(".weight")))
-    return {f"+:^({'|'.join(modules)})$": {"bits": bits} for bits, modules in sorted(by_bits.items())}
+        module = re.escape(checkpoint_name(name).removesuffix(".weight"))
+        by_layout.setdefault((grid.bits, grid.group_size), []).append(module)
+    rules = {}
+    for (bits, group_size), modules in sorted(by_layout.items()):
+        override = {"bits": bits}
+        if group_size != plan.default.group_size:
+            override["group_size"] = group_size
+        rules[f"+:^({'|'.join(modules)})$"] = override
+    return rules
 
 
 def plot(allocation: Allocation, n_layers: int, path: Path) -> str | None:

@@ -21,6 +21,8 @@ refused); the family must be one transformers' modules express without mixture-o
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from quantkit.errors import QuantkitError
@@ -37,7 +38,6 @@ from quantkit.grids import PER_CHANNEL, PER_TENSOR, IntGrid
 from quantkit.quiet import silenced
 from quantkit.recipe import Recipe
 from quantkit.targets.base import DynamicActivationTarget, ExportContext, ExportReport
-from quantkit.targets.executorch import LogitsOnly
 from quantkit.targets.hf_checkpoint import copy_model_files
 
 BLOCK_SIZES = (32, 64, 128, 256)  # LiteRT's blockwise int4 granularities
@@ -77,8 +77,9 @@ def litert_grid(bits: int, group_size: int) -> LiteRTGrid:
     return LiteRTGrid(bits=bits, group_size=group_size, symmetric=True)
 
 
-def decoded_model(ctx: ExportContext, grid: IntGrid | None) -> nn.Module:
-    """The checkpoint in torch fp32, each quantized block linear holding the weights quantkit's codes decode to."""
+def save_decoded_model(ctx: ExportContext, grid: IntGrid | None, folder: Path) -> None:
+    """The checkpoint as an fp32 Hugging Face folder, each quantized block linear holding the weights quantkit's codes
+    decode to (other tensors as the method left them: AWQ rescales norms)."""
     model = ctx.source.hf_model(torch.float32, ctx.progress)
     params = dict(model.named_parameters())
     quantized = set(ctx.quantized_names) if grid is not None else set()
@@ -88,15 +89,30 @@ def decoded_model(ctx: ExportContext, grid: IntGrid | None) -> nn.Module:
                 continue
             value = ctx.quantize(name, grid).dequantize() if name in quantized else ctx.load(name, grid)
             params[name].copy_(value.float())
-    return LogitsOnly(model).eval()
+    model.save_pretrained(folder, safe_serialization=True)
 
 
-def convert(model: nn.Module, seq_len: int, path: Path) -> None:
-    import litert_torch
+# litert-torch imports JAX, whose threads make a later os.fork() in the importing process unsafe (Ray, multiprocessing,
+# a build system's workers): the conversion runs in a child process that reads the decoded checkpoint
+CONVERT = """
+import sys, torch, litert_torch
+from transformers import AutoModelForCausalLM
+from quantkit.targets.executorch import LogitsOnly
+folder, seq_len, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+model = LogitsOnly(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()).eval()
+with torch.no_grad():
+    litert_torch.convert(model, (torch.zeros(1, seq_len, dtype=torch.long),)).export(out)
+"""
 
-    example = (torch.zeros(1, seq_len, dtype=torch.long),)
-    with torch.no_grad():
-        litert_torch.convert(model, example).export(str(path))
+
+def convert(checkpoint: Path, seq_len: int, path: Path) -> None:
+    """``checkpoint`` (an HF folder) as a float ``.tflite`` of one ``seq_len``-token forward, by litert-torch."""
+    done = subprocess.run([sys.executable, "-c", CONVERT, str(checkpoint), str(seq_len), str(path)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        reason = lines[-1][:300] if lines else f"exit code {done.returncode}"
+        raise QuantkitError(f"litert-torch could not convert the model ({reason}); report this with the model")
 
 
 def quantize_linears(float_model: Path, path: Path, grid: IntGrid) -> None:
@@ -222,15 +238,13 @@ class TFLiteTarget(DynamicActivationTarget):
     def export(self, ctx: ExportContext, path: Path) -> ExportReport:
         grid = self.grid(ctx.recipe)
         path.mkdir()
-        with silenced():
-            model = decoded_model(ctx, grid)
-            if grid is None:
-                convert(model, ctx.recipe.seq_len, path / MODEL_FILE)
-            else:
-                with tempfile.TemporaryDirectory(prefix="quantkit-tflite-") as scratch:
-                    float_file = Path(scratch) / "float.tflite"
-                    convert(model, ctx.recipe.seq_len, float_file)
-                    del model
+        with tempfile.TemporaryDirectory(prefix="quantkit-tflite-") as scratch:
+            checkpoint, float_file = Path(scratch) / "checkpoint", Path(scratch) / "float.tflite"
+            with silenced():
+                save_decoded_model(ctx, grid, checkpoint)
+            convert(checkpoint, ctx.recipe.seq_len, path / MODEL_FILE if grid is None else float_file)
+            if grid is not None:
+                with silenced():
                     quantize_linears(float_file, path / MODEL_FILE, grid)
         copy_model_files(ctx.source.path, path)
         notes = [f"full-sequence forward of {ctx.recipe.seq_len} tokens, no KV cache (LiteRT KV-cache export not "

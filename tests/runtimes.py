@@ -29,6 +29,15 @@ def require(module: str) -> ModuleType:
                           f"litert,bench,ray,dev]'); set {OPT_IN}=1 to skip its tests locally") from exc
 
 
+def require_installed(module: str) -> None:
+    """Like ``require``, without importing ``module`` into the test process (for packages whose import has side
+    effects there: litert-torch starts JAX's threads)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        require(module)  # fails (or skips) with the same message
+
+
 def require_program(name: str, install: str) -> str:
     """The path of the system program ``name``; without it, fail (or skip under the opt-in variable)."""
     import shutil

@@ -95,7 +95,7 @@ def test_group_size_is_not_checked_for_gguf_only_runs(capsys, tmp_path, tiny_lla
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model-F32.gguf", "model-Q8_0.gguf"]
 
 
-@pytest.mark.parametrize("spec,expected", [("tflite", "unknown target 'tflite'"),
+@pytest.mark.parametrize("spec,expected", [("coreml", "unknown target 'coreml'"),
                                            ("gguf:Q3_X", "unknown GGUF type 'Q3_X'")])
 def test_unknown_target_or_type(capsys, out_dir, tiny_llama, spec, expected):
     assert expected in run_bad(capsys, out_dir, str(tiny_llama), "--targets", spec)

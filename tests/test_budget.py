@@ -152,7 +152,7 @@ def test_a_budget_out_of_reach_is_refused_with_the_range(tmp_path, capsys, flag,
 
 
 def test_hf_gptq_budget_gives_modules_their_own_bits_and_gptqmodel_reads_them(tmp_path):
-    """GPTQ on the embedded model under a weight-files budget: the folder mixes 4- and 8-bit linears named by
+    """GPTQ on the embedded model under a weight-files budget: the folder mixes widths and group sizes named by
     GPTQModel's ``dynamic``, fits its --max-size, and gptqmodel's loader (the checking runtime) computes the logits
     of the weights our packing reference decodes module by module; transformers' own GPTQ loading, which ignores
     ``dynamic``, refuses the folder rather than misreading it."""
@@ -166,7 +166,7 @@ def test_hf_gptq_budget_gives_modules_their_own_bits_and_gptqmodel_reads_them(tm
     from quantkit.targets.hf_checkpoint import hf_logits
     from tests.helpers import decoded_reference
 
-    result = quantkit.ship(targets=["hf-gptq"], out=tmp_path / "o", method="gptq", max_size="6.2MB",
+    result = quantkit.ship(targets=["hf-gptq"], out=tmp_path / "o", method="gptq", max_size="6.2MB", group_size=64,
                            calib_samples=8, eval_samples=2, seq_len=128)
     artifact = result.artifacts[0]
     folder = result.out_dir / artifact.path
@@ -174,14 +174,27 @@ def test_hf_gptq_budget_gives_modules_their_own_bits_and_gptqmodel_reads_them(tm
     for file in folder.glob("*.safetensors"):
         stored.update(load_file(file))
     assert artifact.budget["bytes"] == sum(f.stat().st_size for f in folder.glob("*.safetensors")) <= 6.2e6
-    widths = {n.removesuffix(".qweight"): 32 * t.shape[0] // stored[n.replace("qweight", "g_idx")].shape[0]
-              for n, t in stored.items() if n.endswith(".qweight")}
-    assert set(widths.values()) == {4, 8}, widths  # 2.4 MB above the all-4-bit size: some go to 8 bits
-    chosen = {n.removesuffix(".weight"): int(t.split("-")[0].removeprefix("int")) for n, t in
+    layouts = {}  # module -> (bits, group size), read from its own tensors: 32 * qweight rows / inputs, g_idx
+    for name, tensor in stored.items():
+        if name.endswith(".qweight"):
+            g_idx = stored[name.replace("qweight", "g_idx")]
+            layouts[name.removesuffix(".qweight")] = (32 * tensor.shape[0] // g_idx.shape[0],
+                                                     g_idx.shape[0] // (int(g_idx.max()) + 1))
+    # 0.26 MB above the all-4-bit g64 size: some modules upgraded (8 bits or g32), none below 4 bits
+    assert len(set(layouts.values())) > 1 and min(b for b, _ in layouts.values()) == 4, layouts
+    chosen = {n.removesuffix(".weight"): tuple(int(x.removeprefix("int").removeprefix("g")) for x in
+                                                 (t.split("-")[0], t.split("-")[2])) for n, t in
               artifact.budget["types"].items()}
-    assert chosen == widths
-    dynamic = json.loads((folder / "config.json").read_text())["quantization_config"]["dynamic"]
-    assert all(any(re.match(p.removeprefix("+:"), m) for p in dynamic) == (b == 8) for m, b in widths.items())
+    assert chosen == layouts
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+
+    def from_config(module: str) -> tuple[int, int]:  # GPTQModel's rule: the first matching pattern's overrides
+        for pattern, override in config["dynamic"].items():
+            if re.match(pattern.removeprefix("+:"), module):
+                return override.get("bits", config["bits"]), override.get("group_size", config["group_size"])
+        return config["bits"], config["group_size"]
+
+    assert all(from_config(m) == layout for m, layout in layouts.items())
     assert artifact.runtime["name"].startswith("gptqmodel") and artifact.verdict == "accepted", artifact.failures
 
     ids = make_samples(ModelSource().tokenizer(), "builtin", "eval", 2, 128).ids

@@ -19,7 +19,7 @@ N, K, GROUP = 200, 384, 128  # N and K are not multiples of the 64-wide blocks: 
 
 def packed(layout: str, act_order: bool = False, seed: int = 0, bits: int = 4, n: int = N) -> dict[str, torch.Tensor]:
     qw = quantized(act_order, seed, bits, n)
-    t = gptq_tensors(qw, GROUP) if layout == "gptq" else awq_tensors(qw)
+    t = gptq_tensors(qw) if layout == "gptq" else awq_tensors(qw)
     t.setdefault("g_idx", None)
     return t
 

@@ -54,7 +54,7 @@ def test_gptq_layout_decodes_to_the_quantized_weight(bits, symmetric, group_size
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0)) * 0.1
     grid = IntGrid(bits=bits, group_size=group_size, symmetric=symmetric, fp16_scales=True, min_zero=1)
     qw = RoundToNearest().quantize_weight(w, grid)
-    t = gptq_tensors(qw, group_size)
+    t = gptq_tensors(qw)
     assert t["qweight"].shape == (128 * bits // 32, 48) and t["qweight"].dtype == torch.int32
     assert t["scales"].dtype == torch.float16 and t["g_idx"].shape == (128,)
     assert torch.equal(gptq_dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits), qw.dequantize())
@@ -67,7 +67,7 @@ def test_gptq_layout_with_act_order_g_idx():
     w = torch.randn(32, 128, generator=torch.Generator().manual_seed(2))
     grid = IntGrid(bits=4, group_size=32, symmetric=False, fp16_scales=True, min_zero=1)
     qw = gptq_quantize(w, s.gram, grid, GPTQConfig(act_order=True))
-    t = gptq_tensors(qw, 32)
+    t = gptq_tensors(qw)
     assert torch.equal(t["g_idx"], qw.g_idx.to(torch.int32)) and not torch.equal(t["g_idx"].sort().values, t["g_idx"])
     assert torch.equal(gptq_dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4), qw.dequantize())
 
