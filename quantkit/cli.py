@@ -125,9 +125,11 @@ def _add_ship(sub) -> None:
                    "block matrix gets the type that minimises the predicted loss (activation-weighted rounding "
                    "error, measured per type on the --calib text) within the budget. GGUF: types among Q2_K ... "
                    "Q8_0 and IQ4_XS / IQ4_NL, B over all the file's tensors as llama.cpp reports it; the file "
-                   "type's embedding, output and norms stay as they are. hf-gptq: 2, 4 or 8 bits per linear "
-                   "(written as GPTQModel's `dynamic`), B over the quantized linears with their scales and zero "
-                   "points. A budget the candidates cannot reach is refused with the reachable range")
+                   "type's embedding, output and norms stay as they are. hf-gptq: 2, 4 or 8 bits per linear at "
+                   "--group-size or half of it (written as GPTQModel's `dynamic`; widths below --bits only when "
+                   "the budget cannot hold every linear at --bits), B over the quantized linears with their "
+                   "scales and zero points. A budget the candidates cannot reach is refused with the reachable "
+                   "range")
     q.add_argument("--max-size", default=None, metavar="SIZE",
                    help="the same with a size budget: bytes or a number with a unit (90MB, 1.5GiB); GGUF: the "
                    "file, hf-gptq: the weight files (*.safetensors)")
