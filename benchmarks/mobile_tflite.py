@@ -3,6 +3,8 @@ mobile_smollm2.py.
 
     python benchmarks/mobile_tflite.py SMOLLM2_DIR --calib PROSE_CALIB.txt --eval PROSE_EVAL.txt
     # writes benchmarks/results/mobile_tflite.{md,json,jsonl}
+    python benchmarks/mobile_tflite.py SMOLLM2_DIR --calib ... --eval ... --quantize-embeddings --no-bench
+    # the same with an int8 embedding table: benchmarks/results/mobile_tflite_embeddings.{md,json}
 
 Steps, each a real command, on an idle machine:
 1. export cost: ``quantkit ship MODEL --targets tflite --group-size 64 --no-verify`` under ``/usr/bin/time -v``
@@ -26,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mobile_smollm2 import QUANTKIT, RESULTS, WORKLOAD, leading_agreement, run, timed  # noqa: E402
 
 
-def export_cost(model: str | None, work: Path) -> dict:
+def export_cost(model: str | None, work: Path, extra: list[str]) -> dict:
     out = work / f"export-{'embedded' if model is None else 'smollm2'}"
     args = [*([model] if model else []), "--targets", "tflite", "--group-size", "64", "--no-verify",
-            "--out", str(out), "--quiet"]
+            "--out", str(out), "--quiet", *extra]
     cost = timed([*QUANTKIT, "ship", *args])
     model_file = out / "tflite-8da4w" / "model.tflite"
     return {**cost, "tflite_mb": round(model_file.stat().st_size / 2**20, 1),
@@ -59,9 +61,9 @@ def generations(model: str, out: Path, prose: Path) -> dict:
 
 def report(found: dict) -> str:
     lines = ["# tflite (LiteRT) on SmolLM2-135M", "",
-             "Made by `python benchmarks/mobile_tflite.py SMOLLM2 --calib PROSE_CALIB --eval PROSE_EVAL` on an idle "
-             "2-core machine (threads: 2).", "", "## Export cost", "", "| model | command | wall s | peak RSS MB | "
-             ".tflite MiB |", "|---|---|---:|---:|---:|"]
+             f"Made by `python benchmarks/mobile_tflite.py SMOLLM2 --calib PROSE_CALIB --eval PROSE_EVAL "
+             f"{found.get('options', '')}` on an idle 2-core machine (threads: 2).", "", "## Export cost", "",
+             "| model | command | wall s | peak RSS MB | .tflite MiB |", "|---|---|---:|---:|---:|"]
     for name, cost in found["export"].items():
         lines.append(f"| {name} | `{cost['command']}` | {cost['seconds']} | {cost['peak_rss_mb']} | "
                      f"{cost['tflite_mb']} |")
@@ -76,11 +78,13 @@ def report(found: dict) -> str:
                      f"{m['perplexity']:.3f} | {m['ppl_increase_pct']:+.1f} | {m['kld']:.4f} | {m['top1']:.4f} | "
                      f"{a['verdict']} | "
                      f"{found['generation'].get(a['target'])} of 32 |")
+    if not found.get("bench"):
+        return "\n".join(lines) + "\n"
     lines += ["", "## Speed (`quantkit bench`, pp128 / tg64, no KV cache: each decode step re-runs all positions)", "",
               "| artifact | prefill tok/s | decode tok/s | peak RSS MB | threads |", "|---|---:|---:|---:|---:|"]
     for b in found["bench"]:
-        lines.append(f"| {b['artifact']} | {b['prefill_tok_s']:.1f} | {b['decode_tok_s']:.2f} | {b['peak_rss_mb']} | "
-                     f"{b['threads']} |")
+        lines.append(f"| {b['artifact']} | {b['prefill_tok_s']:.1f} | {b['decode_tok_s']:.2f} | "
+                     f"{b['peak_rss_mb']:.0f} | {b['threads']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -91,16 +95,23 @@ def main() -> None:
     ap.add_argument("--eval", required=True)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--work", type=Path, default=None, help="reuse a previous run's folder: finished steps are kept")
+    ap.add_argument("--quantize-embeddings", action="store_true", help="ship with an int8 embedding table")
+    ap.add_argument("--no-bench", action="store_true", help="skip the speed step")
     args = ap.parse_args()
+    extra = ["--quantize-embeddings"] if args.quantize_embeddings else []
+    stem = "mobile_tflite_embeddings" if args.quantize_embeddings else "mobile_tflite"
     work = args.work or Path(tempfile.mkdtemp(prefix="tflite-"))
     saved = work / "export.json"
     if not saved.is_file():
-        saved.write_text(json.dumps({"smollm2": export_cost(args.model, work), "embedded": export_cost(None, work)}))
-    found: dict = {"export": json.loads(saved.read_text())}
+        saved.write_text(json.dumps({"smollm2": export_cost(args.model, work, extra),
+                                     "embedded": export_cost(None, work, extra)}))
+    found: dict = {"export": json.loads(saved.read_text()),
+                   "options": " ".join([*extra, *(["--no-bench"] if args.no_bench else [])])}
 
     out = work / "ship"
     ship = [args.model, "--targets", "tflite,tflite:8da8w", "--method", "gptq", "--group-size", "64",
-            "--calib", args.calib, "--eval", args.eval, "--eval-samples", "8", "--out", str(out), "--quiet", "--json"]
+            "--calib", args.calib, "--eval", args.eval, "--eval-samples", "8", "--out", str(out), "--quiet", "--json",
+            *extra]
     if not (out / "manifest.json").is_file():  # exit 1: an artifact failed its gate (it is kept under rejected/)
         run([*QUANTKIT, "ship", *ship], allowed=(0, 1))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -108,16 +119,17 @@ def main() -> None:
     found["artifacts"] = [{k: a[k] for k in ("target", "path", "bytes", "bits_per_weight", "metrics", "verdict",
                                              "failures")} for a in manifest["artifacts"]]
     found["reference"] = manifest["reference"]["metrics"]
-    jsonl = args.results / "mobile_tflite.jsonl"
-    run([*QUANTKIT, "bench", str(out), *WORKLOAD, "--json", str(jsonl)])
-    found["bench"] = [{"artifact": Path(m["artifact"]["path"]).name, "runtime": m["artifact"]["runtime"],
-                       "prefill_tok_s": m["metrics"]["prefill_tok_s"]["median"],
-                       "decode_tok_s": m["metrics"]["decode_tok_s"]["median"],
-                       "peak_rss_mb": m["metrics"]["peak_rss_mb"], "threads": m["threads"]}
-                      for m in map(json.loads, jsonl.read_text().splitlines()) if m.get("type") == "measurement"]
+    if not args.no_bench:
+        jsonl = args.results / f"{stem}.jsonl"
+        run([*QUANTKIT, "bench", str(out), *WORKLOAD, "--json", str(jsonl)])
+        found["bench"] = [{"artifact": Path(m["artifact"]["path"]).name, "runtime": m["artifact"]["runtime"],
+                           "prefill_tok_s": m["metrics"]["prefill_tok_s"]["median"],
+                           "decode_tok_s": m["metrics"]["decode_tok_s"]["median"],
+                           "peak_rss_mb": m["metrics"]["peak_rss_mb"], "threads": m["threads"]}
+                          for m in map(json.loads, jsonl.read_text().splitlines()) if m.get("type") == "measurement"]
     found["generation"] = generations(args.model, out, Path(args.eval))
-    (args.results / "mobile_tflite.json").write_text(json.dumps(found, indent=2) + "\n")
-    (args.results / "mobile_tflite.md").write_text(report(found))
+    (args.results / f"{stem}.json").write_text(json.dumps(found, indent=2) + "\n")
+    (args.results / f"{stem}.md").write_text(report(found))
     print(report(found))
 
 

@@ -13,10 +13,13 @@ back into integers and scales; it checks that they decode to the float weights w
 quantkit's grid, whatever method chose the codes (its integers can differ from quantkit's by a common factor where
 a block uses only even codes; the decoded weights are the same, which the tests check by reading the file).
 
+The token embedding stays fp32 (the converter cannot look up a 16-bit table) unless ``--quantize-embeddings``: then
+it is int8 per row ([-127, 127], fp16 scales), looked up by LiteRT's int8 EMBEDDING_LOOKUP, and a tied lm_head
+reads the same int8 table as a dynamic-range linear (one copy in the file). An untied lm_head stays fp32.
+
 Limits, said in the report: one full-sequence forward of ``--seq-len`` tokens, no KV cache (litert-torch's
-KV-cache export re-authors each model family in its own layers; not wired up here); the token embedding and a
-tied or unquantized lm_head stay fp32 (the converter cannot look up a 16-bit table; ``--quantize-embeddings`` is
-refused); the family must be one transformers' modules express without mixture-of-experts routing.
+KV-cache export imports TensorFlow; not wired up here); the family must be one transformers' modules express
+without mixture-of-experts routing.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ MODEL_FILE = "model.tflite"
 INSTALL_HINT = "pip install 'quantkit[litert]'"
 # transformers names block modules <Family>DecoderLayer; the converter names each op after its module path
 BLOCK_OP = r".*DecoderLayer_\d+/.*"
+OUTSIDE_BLOCKS = r"^(?!.*DecoderLayer_\d+/).*"
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,9 @@ def litert_grid(bits: int, group_size: int) -> LiteRTGrid:
     return LiteRTGrid(bits=bits, group_size=group_size, symmetric=True)
 
 
+EMBEDDING_GRID = litert_grid(8, PER_CHANNEL)  # --quantize-embeddings: int8 rows, whatever the linears' layout
+
+
 def save_decoded_model(ctx: ExportContext, grid: IntGrid | None, folder: Path) -> None:
     """The checkpoint as an fp32 Hugging Face folder, each quantized block linear holding the weights quantkit's codes
     decode to (other tensors as the method left them: AWQ rescales norms)."""
@@ -87,7 +94,10 @@ def save_decoded_model(ctx: ExportContext, grid: IntGrid | None, folder: Path) -
         for name in ctx.source.tensors:
             if name not in params:
                 continue
-            value = ctx.quantize(name, grid).dequantize() if name in quantized else ctx.load(name, grid)
+            if name not in quantized:
+                value = ctx.load(name, grid)
+            else:
+                value = ctx.quantize(name, EMBEDDING_GRID if name == ctx.source.arch.embedding else grid).dequantize()
             params[name].copy_(value.float())
     model.save_pretrained(folder, safe_serialization=True)
 
@@ -115,18 +125,26 @@ def convert(checkpoint: Path, seq_len: int, path: Path) -> None:
         raise QuantkitError(f"litert-torch could not convert the model ({reason}); report this with the model")
 
 
-def quantize_linears(float_model: Path, path: Path, grid: IntGrid) -> None:
+def quantize_linears(float_model: Path, path: Path, grid: IntGrid, embedding: bool = False,
+                     tied_head: bool = False) -> None:
     """The block linears of ``float_model`` as LiteRT dynamic-range integer weights recovered from their (on-grid)
-    float values; everything else stays as it is."""
+    float values; with ``embedding`` the int8 table too, and with ``tied_head`` the output linear that shares it;
+    everything else stays as it is."""
     from ai_edge_quantizer import algorithm_manager, qtyping, quantizer
     from ai_edge_quantizer.recipe_manager import RecipeManager
 
-    granularity = qtyping.QuantGranularity.CHANNELWISE if grid.group_size <= 0 else \
-        qtyping.QuantGranularity(f"BLOCKWISE_{grid.group_size}")
+    recover = algorithm_manager.AlgorithmName.DEQUANTIZED_WEIGHT_RECOVERY
+    ops, channels = qtyping.TFLOperationName, qtyping.QuantGranularity.CHANNELWISE
+    granularity = channels if grid.group_size <= 0 else qtyping.QuantGranularity(f"BLOCKWISE_{grid.group_size}")
     recipe = RecipeManager()
-    recipe.add_dynamic_config(regex=BLOCK_OP, operation_name=qtyping.TFLOperationName.FULLY_CONNECTED,
-                              num_bits=grid.bits, granularity=granularity,
-                              algorithm_key=algorithm_manager.AlgorithmName.DEQUANTIZED_WEIGHT_RECOVERY)
+    recipe.add_dynamic_config(regex=BLOCK_OP, operation_name=ops.FULLY_CONNECTED, num_bits=grid.bits,
+                              granularity=granularity, algorithm_key=recover)
+    if embedding:
+        recipe.add_dynamic_config(regex=".*", operation_name=ops.EMBEDDING_LOOKUP, num_bits=EMBEDDING_GRID.bits,
+                                  granularity=channels, algorithm_key=recover)
+    if tied_head:  # the only linear outside the decoder layers
+        recipe.add_dynamic_config(regex=OUTSIDE_BLOCKS, operation_name=ops.FULLY_CONNECTED,
+                                  num_bits=EMBEDDING_GRID.bits, granularity=channels, algorithm_key=recover)
     run = quantizer.Quantizer(str(float_model))
     run.load_quantization_recipe(recipe.get_quantization_recipe())
     try:
@@ -209,13 +227,13 @@ class TFLiteTarget(DynamicActivationTarget):
         if ctx.source.arch.experts:
             raise QuantkitError(f"{self.name} cannot express {ctx.source.arch.name} models (mixture of experts: "
                                 "data-dependent routing does not convert); use a gguf or hf-gptq target")
-        if ctx.recipe.quantize_embeddings:
-            raise QuantkitError(f"{self.name} keeps the token embedding in fp32 (litert-torch cannot convert a "
-                                "quantized or 16-bit lookup yet); drop --quantize-embeddings")
         if ctx.source.arch.lm_head in ctx.quantized_names:
             raise QuantkitError(f"{self.name} quantizes the block linears only; drop --quantize-lm-head")
         grid = self.grid(ctx.recipe)
         if grid is None:
+            if ctx.recipe.quantize_embeddings:
+                raise QuantkitError(f"{self.name} stores float weights; drop --quantize-embeddings or use "
+                                    "tflite:8da4w / tflite:8da8w")
             return
         if ctx.recipe.scheme != "sym":
             raise QuantkitError(f"{self.name} stores symmetric weights only (LiteRT's integer weights have no zero "
@@ -237,6 +255,8 @@ class TFLiteTarget(DynamicActivationTarget):
 
     def export(self, ctx: ExportContext, path: Path) -> ExportReport:
         grid = self.grid(ctx.recipe)
+        embedding = ctx.source.arch.embedding in ctx.quantized_names
+        tied_head = embedding and ctx.source.tied_embeddings
         path.mkdir()
         with tempfile.TemporaryDirectory(prefix="quantkit-tflite-") as scratch:
             checkpoint, float_file = Path(scratch) / "checkpoint", Path(scratch) / "float.tflite"
@@ -245,19 +265,23 @@ class TFLiteTarget(DynamicActivationTarget):
             convert(checkpoint, ctx.recipe.seq_len, path / MODEL_FILE if grid is None else float_file)
             if grid is not None:
                 with silenced():
-                    quantize_linears(float_file, path / MODEL_FILE, grid)
+                    quantize_linears(float_file, path / MODEL_FILE, grid, embedding=embedding, tied_head=tied_head)
         copy_model_files(ctx.source.path, path)
+        kept = "token embedding and lm_head in fp32" if not embedding else \
+            "token embedding int8 per row" + (" (the tied lm_head reads it as an int8 linear)" if tied_head else
+                                              ", lm_head fp32")
         notes = [f"full-sequence forward of {ctx.recipe.seq_len} tokens, no KV cache (LiteRT KV-cache export not "
-                 "wired up); token embedding and unquantized lm_head in fp32"]
+                 f"wired up); {kept}"]
         if grid is None:
             return ExportReport(tuple(notes), bits_per_weight=32.0)
         stored = fully_connected_weights(path / MODEL_FILE)
         integer = [w for w in stored if "decoded" in w]
-        expected = len(self._block_linears(ctx))
-        if len(integer) != expected:
-            raise QuantkitError(f"{path.name}: {len(integer)} of the {expected} block linears hold integer weights; "
-                                "the converter named some ops outside the decoder layers: report this with the model")
-        notes.append(f"{expected} block linears in {grid.name}, activations int8 at run time (dynamic range)")
+        blocks = len(self._block_linears(ctx))
+        if len(integer) != blocks + tied_head:
+            raise QuantkitError(f"{path.name}: {len(integer)} linears hold integer weights, expected "
+                                f"{blocks + tied_head}; the converter named some ops outside the decoder layers: "
+                                "report this with the model")
+        notes.append(f"{blocks} block linears in {grid.name}, activations int8 at run time (dynamic range)")
         return ExportReport(tuple(notes), bits_per_weight=grid.bits_per_weight())
 
     def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:

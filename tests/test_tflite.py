@@ -82,7 +82,6 @@ def test_fp32_file_computes_transformers_logits(shipped):
 @pytest.mark.parametrize("options, message", [
     (dict(scheme="asym"), "symmetric weights only"),
     (dict(group_size=16), "blocks of 32, 64, 128, 256"),
-    (dict(quantize_embeddings=True), "drop --quantize-embeddings"),
 ])
 def test_impossible_options_fail_before_any_work(tmp_path, options, message):
     out = tmp_path / "o"
@@ -118,3 +117,34 @@ def test_other_families_convert_and_pass(tiny_models, tmp_path, family):
     result = quantkit.ship(tiny_models[family], targets=["tflite:8da8w"], out=tmp_path / "o", eval_samples=2,
                            seq_len=SEQ, verbose=False, max_kld=0.01, max_ppl_increase_pct=1e9, min_top1=0.0)
     assert result.artifacts[0].verdict == "accepted", result.artifacts[0].failures
+
+
+def test_quantized_embedding_is_one_int8_table_the_tied_head_reads(tiny_models, tmp_path):
+    """--quantize-embeddings on a tied model: the file's EMBEDDING_LOOKUP table is int8 and decodes to round-to-nearest
+    of the checkpoint's embedding on the int8 row grid; the output linear is an integer linear too (it reads the same
+    table: the file is smaller than the table twice); LiteRT's logits stay close to the unquantized model's."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    from quantkit.targets.tflite import EMBEDDING_GRID
+
+    result = quantkit.ship(tiny_models["llama-tied"], targets=["tflite:8da8w"], out=tmp_path / "o", eval_samples=2,
+                           seq_len=SEQ, verbose=False, quantize_embeddings=True, max_kld=0.02,
+                           max_ppl_increase_pct=1e9, min_top1=0.0)
+    art = result.artifacts[0]
+    assert art.verdict == "accepted", art.failures
+    path = result.out_dir / art.path / MODEL_FILE
+    source = ModelSource(tiny_models["llama-tied"])
+    table = source.load(source.arch.embedding)
+    expected = RoundToNearest().quantize_weight(table, EMBEDDING_GRID).dequantize().numpy()
+    model = fb.read_model(str(path))
+    graph = model.subgraphs[0]
+    lookups = [op for op in graph.operators if model.operatorCodes[op.opcodeIndex].builtinCode == 7]  # EMBEDDING_LOOKUP
+    weight = graph.tensors[lookups[0].inputs[1]]
+    codes = np.frombuffer(bytes(model.buffers[weight.buffer].data), dtype=np.int8).reshape(expected.shape)
+    decoded = codes.astype(np.float32) * np.asarray(weight.quantization.scale, dtype=np.float32)[:, None]
+    assert np.array_equal(decoded, expected)
+    head = [w for w in fully_connected_weights(path) if "decoded" in w and w["decoded"].shape == expected.shape]
+    assert len(head) == 1 and np.array_equal(head[0]["decoded"], expected)
+    heads = [op for op in graph.operators if model.operatorCodes[op.opcodeIndex].builtinCode == 9  # FULLY_CONNECTED
+             and tuple(graph.tensors[op.inputs[1]].shape) == expected.shape]
+    assert [graph.tensors[op.inputs[1]].buffer for op in heads] == [weight.buffer]  # one table in the file
