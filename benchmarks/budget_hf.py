@@ -72,6 +72,16 @@ def measure(args) -> dict:
     return {"model": args.model.name, "rows": rows, "command": command, "environment": environment()}
 
 
+# Earlier allocations measured by this script on the same model and data (kept here: each rerun of --budgets-only
+# replaces the budgeted rows of the JSON)
+HISTORY = {"smol": [
+    "Earlier allocations, same runs otherwise: with widths below --bits allowed (commit 8fe5859: 2/4/8 bits at g64) "
+    "the 4.5 bpw budget put 7 matrices at 2 bits and 9 at 8 bits: ppl +23.01 %, KLD 0.2231 (worse than uniform g64); "
+    "5.0 bpw: +7.88 % / 0.0813; 6.0 bpw: +3.60 % / 0.0404. With the --bits floor but no group-size axis (4/8 bits at "
+    "g64): 4.5 bpw +11.66 % / KLD 0.1176 (run of commit 385c8c4, not kept in the JSON).",
+]}
+
+
 def _previous_rows(model: str) -> list[dict]:
     """The uniform rows of the committed result for ``model`` (--budgets-only: only the budgeted runs are redone)."""
     previous = json.loads(JSON_PATH.read_text()).get(model, {}) if JSON_PATH.exists() else {}
@@ -103,6 +113,8 @@ def _model_table(result: dict) -> list[str]:
                      f"{widths} | {m['perplexity']:.3f} | {m['ppl_increase_pct']:+.2f} | {m['kld']:.4f} | "
                      f"{m['top1']:.4f} | {r['runtime']} |")
     lines += ["", f"Reference perplexity (transformers fp32): {result['rows'][0]['reference_perplexity']:.3f}.", ""]
+    for note in HISTORY.get(result["model"], []):
+        lines += [note, ""]
     return lines
 
 
