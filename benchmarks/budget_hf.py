@@ -74,7 +74,10 @@ def measure(args) -> dict:
 
 # Earlier allocations measured by this script on the same model and data (kept here: each rerun of --budgets-only
 # replaces the budgeted rows of the JSON)
-HISTORY = {"smol": [
+HISTORY = {"default_model": [
+    "These budgeted rows were measured with the first allocation (commit 8fe5859: 2/4/8 bits at g64, no --bits floor, "
+    "no group-size axis; none of its choices went below 4 bits here); not rerun since.",
+], "smol": [
     "Earlier allocations, same runs otherwise: with widths below --bits allowed (commit 8fe5859: 2/4/8 bits at g64) "
     "the 4.5 bpw budget put 7 matrices at 2 bits and 9 at 8 bits: ppl +23.01 %, KLD 0.2231 (worse than uniform g64); "
     "5.0 bpw: +7.88 % / 0.0813; 6.0 bpw: +3.60 % / 0.0404. With the --bits floor but no group-size axis (4/8 bits at "
