@@ -73,6 +73,15 @@ def full_sequence_program(model: str, path: Path, seq_len: int) -> None:
     path.write_bytes(program.buffer)
 
 
+def shipped_summary(out: Path, ship: list[str]) -> dict:
+    """The ship command, each artifact's size, metrics and verdict, and the reference metrics, from its manifest."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    keys = ("target", "path", "bytes", "bits_per_weight", "metrics", "verdict", "failures")
+    return {"ship_command": "quantkit ship " + " ".join(ship),
+            "artifacts": [{k: a[k] for k in keys} for a in manifest["artifacts"]],
+            "reference": manifest["reference"]["metrics"]}
+
+
 def leading_agreement(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
@@ -129,12 +138,7 @@ def main() -> None:
             "--calib", args.calib, "--eval", args.eval, "--eval-samples", "8", "--out", str(out), "--quiet", "--json"]
     if not (out / "manifest.json").is_file():  # exit 1: an artifact failed its gate (it is kept under rejected/)
         run([*QUANTKIT, "ship", *ship], allowed=(0, 1))
-    manifest = json.loads((out / "manifest.json").read_text())
-    found["ship_command"] = "quantkit ship " + " ".join(ship)
-    found["artifacts"] = [{k: a[k] for k in ("target", "path", "bytes", "bits_per_weight", "metrics", "verdict",
-                                             "failures")}
-                          for a in manifest["artifacts"]]
-    found["reference"] = manifest["reference"]["metrics"]
+    found.update(shipped_summary(out, ship))
 
     jsonl = args.results / "mobile_smollm2.jsonl"
     run([*QUANTKIT, "bench", str(out), *WORKLOAD, "--json", str(jsonl)])

@@ -25,7 +25,15 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mobile_smollm2 import QUANTKIT, RESULTS, WORKLOAD, leading_agreement, run, timed  # noqa: E402
+from mobile_smollm2 import (  # noqa: E402
+    QUANTKIT,
+    RESULTS,
+    WORKLOAD,
+    leading_agreement,
+    run,
+    shipped_summary,
+    timed,
+)
 
 
 def export_cost(model: str | None, work: Path, extra: list[str]) -> dict:
@@ -114,11 +122,7 @@ def main() -> None:
             *extra]
     if not (out / "manifest.json").is_file():  # exit 1: an artifact failed its gate (it is kept under rejected/)
         run([*QUANTKIT, "ship", *ship], allowed=(0, 1))
-    manifest = json.loads((out / "manifest.json").read_text())
-    found["ship_command"] = "quantkit ship " + " ".join(ship)
-    found["artifacts"] = [{k: a[k] for k in ("target", "path", "bytes", "bits_per_weight", "metrics", "verdict",
-                                             "failures")} for a in manifest["artifacts"]]
-    found["reference"] = manifest["reference"]["metrics"]
+    found.update(shipped_summary(out, ship))
     if not args.no_bench:
         jsonl = args.results / f"{stem}.jsonl"
         run([*QUANTKIT, "bench", str(out), *WORKLOAD, "--json", str(jsonl)])

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quantkit.errors import QuantkitError
 from quantkit.grids import PER_CHANNEL, Grid, QuantizedWeight
 from quantkit.methods.rtn import RoundToNearest
 from quantkit.model import ModelSource
@@ -161,8 +162,6 @@ class DynamicActivationTarget(Target):
     def __init__(self, option: str | None):
         option = option or self.DEFAULT_OPTION
         if option not in self.WEIGHT_BITS:
-            from quantkit.errors import QuantkitError
-
             raise QuantkitError(f"{self.kind} option {option!r} is unknown; use one of: {', '.join(self.WEIGHT_BITS)}")
         super().__init__(option)
 

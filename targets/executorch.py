@@ -71,10 +71,8 @@ class XnnpackGrid(IntGrid):
     def name(self) -> str:
         return f"{super().name}-{'bf16' if self.bf16_scales else 'fp32'}-scales"
 
-    def _storable(self, scale: torch.Tensor) -> torch.Tensor:
-        if self.bf16_scales:
-            scale = scale.to(torch.bfloat16).float()
-        return torch.where(scale > 0, scale, torch.ones_like(scale))
+    def stored_scale_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.bf16_scales else None
 
     def bits_per_weight(self) -> float:
         return self.bits + (16 / self.group_size if self.group_size > 0 else 0.0)

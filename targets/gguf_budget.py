@@ -13,7 +13,7 @@ import torch
 
 from quantkit.budget import Allocation, BudgetFrame, aligned, allocate, matrix_options, plot_sensitivity
 from quantkit.errors import QuantkitError
-from quantkit.grids import GGUF_GRIDS, GGUF_TYPES
+from quantkit.grids import GGUF_GRIDS, GGUF_TYPES, ggml_lib
 from quantkit.recipe import Recipe
 
 GGMLType = gguf.GGMLQuantizationType
@@ -42,8 +42,6 @@ class GGUFCandidate:
         return aligned(GGUF_TYPES[self.name].row_bytes(shape[1]) * shape[0])
 
     def round_trip(self, chunk: torch.Tensor, importance: torch.Tensor) -> np.ndarray:
-        from quantkit.grids import ggml_lib
-
         raw = GGUF_GRIDS[self.name].round_to_bytes(chunk, importance)
         return ggml_lib.dequantize_rows(self.name, raw, chunk.shape[1])
 

@@ -9,7 +9,6 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from quantkit.errors import QuantkitError
 from quantkit.grids import Grid, QuantizedWeight
+from quantkit.manifest import package_versions
 from quantkit.quiet import silenced
 from quantkit.recipe import Recipe
 from quantkit.sequential import GridPlan
@@ -234,12 +234,7 @@ class HFCheckpointTarget(Target):
 
             return {"name": "quantkit QuantLinear (torch reference on CPU, Triton W4A16 on CUDA)",
                     "version": {"quantkit": __version__, "torch": torch.__version__}}
-        versions = {}
-        for package in ("transformers", "gptqmodel", "optimum"):
-            try:
-                versions[package] = metadata.version(package)
-            except metadata.PackageNotFoundError:
-                versions[package] = None
+        versions = package_versions(("transformers", "gptqmodel", "optimum"))
         return {"name": "transformers + gptqmodel", "version": versions}
 
     def logits(self, path: Path, ids: torch.Tensor, progress: bool = True) -> Iterator[np.ndarray]:

@@ -29,7 +29,6 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from tqdm import tqdm
 
 from quantkit.errors import QuantkitError
 from quantkit.grids import PER_CHANNEL, PER_TENSOR, IntGrid
+from quantkit.manifest import package_versions
 from quantkit.quiet import silenced
 from quantkit.recipe import Recipe
 from quantkit.targets.base import DynamicActivationTarget, ExportContext, ExportReport
@@ -71,10 +71,8 @@ class LiteRTGrid(IntGrid):
     def name(self) -> str:
         return f"{super().name}-narrow" if self.narrow else super().name
 
-    def _storable(self, scale: torch.Tensor) -> torch.Tensor:
-        stored = torch.bfloat16 if self.group_size > 0 else torch.float16
-        scale = scale.clamp(max=65504.0).to(stored).float()
-        return torch.where(scale > 0, scale, torch.ones_like(scale))
+    def stored_scale_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.group_size > 0 else torch.float16
 
 
 def litert_grid(bits: int, group_size: int) -> LiteRTGrid:
@@ -198,13 +196,7 @@ def _decode(model, graph, tensor, schema) -> np.ndarray:
 
 
 def litert_versions() -> dict[str, str | None]:
-    found = {}
-    for package in ("litert-torch", "ai-edge-litert", "ai-edge-quantizer"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    return found
+    return package_versions(("litert-torch", "ai-edge-litert", "ai-edge-quantizer"))
 
 
 class TFLiteTarget(DynamicActivationTarget):

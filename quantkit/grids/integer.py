@@ -58,9 +58,17 @@ class IntGrid(Grid):
         zero = torch.round(-lo / scale).clamp(self.min_zero, self.qmax)
         return QuantParams(scale=scale, zero=zero)
 
+    def stored_scale_dtype(self) -> torch.dtype | None:
+        """The type the artifact stores scales in, when narrower than fp32: scales are fitted on its values, so the
+        stored weight decodes exactly as the in-memory one."""
+        return torch.float16 if self.fp16_scales else None
+
     def _storable(self, scale: torch.Tensor) -> torch.Tensor:
-        if self.fp16_scales:
-            scale = scale.clamp(max=65504.0).to(torch.float16).float()
+        dtype = self.stored_scale_dtype()
+        if dtype == torch.float16:
+            scale = scale.clamp(max=65504.0)
+        if dtype is not None:
+            scale = scale.to(dtype).float()
         return torch.where(scale > 0, scale, torch.ones_like(scale))
 
     def encode(self, w: torch.Tensor, params: QuantParams) -> torch.Tensor:
