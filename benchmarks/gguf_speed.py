@@ -32,8 +32,8 @@ from quantkit.grids import GGUF_GRIDS
 from quantkit.grids.ggml_lib import use_engine
 from quantkit.methods.gptq import GPTQConfig, gptq_quantize
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.ggml_reference import ggml_quantize  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers
+from quantkit_testing.ggml_reference import ggml_quantize  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K"]

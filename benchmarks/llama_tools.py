@@ -27,7 +27,6 @@ import gguf
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 VERSION = metadata.version("llama-cpp-python")
 CACHE = Path.home() / ".cache" / "quantkit" / f"llama.cpp-{VERSION}"

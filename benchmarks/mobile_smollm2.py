@@ -62,8 +62,9 @@ def full_sequence_program(model: str, path: Path, seq_len: int) -> None:
     from quantkit.model import ModelSource
     from quantkit.quiet import silenced
     from quantkit.recipe import Recipe, quantized_tensor_names
-    from quantkit.targets import ExportContext, parse_target
+    from quantkit.targets.base import ExportContext
     from quantkit.targets.executorch import lower_to_xnnpack, quantized_model
+    from quantkit.targets.registry import parse_target
 
     source = ModelSource(model)
     recipe = Recipe(group_size=64, seq_len=seq_len)

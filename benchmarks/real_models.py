@@ -36,7 +36,6 @@ import gguf
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 JSON_PATH = RESULTS / "real_models.json"
 EVAL_SAMPLES, CALIB_SAMPLES, SEQ_LEN = 16, 32, 512

@@ -151,7 +151,7 @@ def _targets(where: _Where, place: str, value: object) -> tuple[str, ...] | None
         return None
     if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
         raise RecipeError(where(place, "must be a non-empty list of target names, e.g. [\"gguf:Q4_K_M\", \"onnx\"]"))
-    from quantkit.targets import parse_target
+    from quantkit.targets.registry import parse_target
 
     for spec in value:
         try:

@@ -92,6 +92,10 @@ def _check_finite(name: str, tensor: torch.Tensor) -> None:
     raise QuantkitError(f"tensor {name} holds {bad} NaN/Inf values; the checkpoint is broken, fix or retrain it")
 
 
+# Files beside config.json that the tokenizer loaders, the GGUF vocabulary and the runtimes' folders read
+JSON_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
 class ModelSource:
     """A validated checkpoint folder whose tensors are read on demand."""
 
@@ -99,6 +103,7 @@ class ModelSource:
         self.is_default = path in (None, DEFAULT_MODEL)
         self.path = default_model_dir() if self.is_default else Path(path)
         self.config = self._read_config()
+        self._check_json_files()
         self.arch = self._resolve_architecture()
         self.tensors = self._index_tensors()
 
@@ -118,6 +123,19 @@ class ModelSource:
         if not isinstance(config, dict):
             raise QuantkitError(f"{config_path} is not a JSON object; fix or re-save the config")
         return config
+
+    def _check_json_files(self) -> None:
+        """The tokenizer and generation files every target reads: a damaged one is named here, before any work
+        (transformers' own error for it is a bare JSONDecodeError deep inside the tokenizer loader)."""
+        for name in JSON_SIDE_FILES:
+            path = self.path / name
+            if not path.is_file():
+                continue
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise QuantkitError(f"{path} is not valid JSON ({exc}); restore it from the original checkpoint "
+                                    "or re-save the tokenizer with save_pretrained") from None
 
     def _resolve_architecture(self) -> Architecture:
         names = self.config.get("architectures") or []

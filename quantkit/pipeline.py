@@ -25,7 +25,7 @@ from quantkit.cache import BuildCache, CacheHit, folder_sha256, key_of, restore,
 from quantkit.calibrate import LinearStats, collect_statistics_streamed
 from quantkit.checks import gate_for, score
 from quantkit.data import TokenSamples, load_documents, make_samples
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, disk_full_error, is_disk_full
 from quantkit.grids import Grid, IntGrid, QuantizedWeight
 from quantkit.imatrix import (
     GGUF_FILENAME,
@@ -46,8 +46,8 @@ from quantkit.reference import Reference
 from quantkit.resume import PassCheckpoint, discard, pass_folder
 from quantkit.sequential import MIN_EXPERT_TOKENS, GridPlan, SequentialResult, quantize_sequential
 from quantkit.streaming import BlockStreamer
-from quantkit.targets import ExportContext, Target, parse_target
-from quantkit.targets.base import Quantizer, Rounding
+from quantkit.targets.base import ExportContext, Quantizer, Rounding, Target
+from quantkit.targets.registry import parse_target
 
 REJECTED_DIR = "rejected"
 # What users ship from a real model: llama.cpp's recommended 4-bit mix and its near-lossless 8-bit type.
@@ -424,11 +424,20 @@ def _ship(model, targets, out, recipe: Recipe | None, overwrite: bool, progress:
             if key:
                 key.store(tmp)
             _move_into_place(tmp, out)
+        except Exception as exc:  # OSError, or a native writer's error that says the same in words
+            if is_disk_full(exc):  # the user's to fix: name the path and the room the run needs
+                raise disk_full_error(exc, out, tmp, _expected_bytes(source, recipe, parsed)) from None
+            raise
         finally:
             weight_hashes.cancel()  # after a failure: stop reading the checkpoint (a no-op once finished)
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+def _expected_bytes(source: ModelSource, recipe: Recipe, targets: list[Target]) -> int:
+    """Roughly what a run writes: each artifact at its nominal bits per weight over every parameter."""
+    return int(sum(t.bits_per_weight(recipe) for t in targets) * source.parameter_count / 8)
 
 
 @dataclass

@@ -147,7 +147,7 @@ def _write_tensor_chunks(writer: gguf.GGUFWriter, nbytes: int, chunks: Iterator[
     writer.write_padding(fout, fout.tell())
     written = 0
     for chunk in chunks:
-        chunk.tofile(fout)
+        fout.write(np.ascontiguousarray(chunk).data)  # not tofile: its errors carry no errno (disk full?)
         written += chunk.nbytes
     if written != nbytes:
         raise RuntimeError(f"wrote {written} bytes for a tensor planned at {nbytes}")

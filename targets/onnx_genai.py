@@ -102,7 +102,9 @@ class OnnxGenaiTarget(ONNXTarget):
         for row in tqdm(ids, desc=f"onnxruntime-genai {path.name}", unit="seq", disable=not progress,
                         leave=False):
             params = og.GeneratorParams(model)
-            params.set_search_options(max_length=row.numel() + 1, batch_size=1)
+            # the prompt alone: its logits are what is scored, and a row as long as the model's context
+            # (the default --seq-len on a 512-position model) must not ask for one position more
+            params.set_search_options(max_length=row.numel(), batch_size=1)
             generator = og.Generator(model, params)
             generator.append_tokens(row.numpy()[None].astype(np.int32))
             yield np.asarray(generator.get_output("logits"))[0].astype(np.float32)

@@ -142,3 +142,49 @@ def test_cuda_requested_without_a_gpu(capsys, out_dir, tiny_llama, monkeypatch):
 ])
 def test_grid_a_target_cannot_store(capsys, out_dir, tiny_llama, argv, expected):
     assert expected in run_bad(capsys, out_dir, str(tiny_llama), *argv)
+
+
+def test_malformed_tokenizer_json(capsys, out_dir, tiny_llama):
+    """A damaged tokenizer file is named before any work (transformers would raise a bare JSONDecodeError)."""
+    (tiny_llama / "tokenizer.json").write_text('{"version": "1.0", "model": {')
+    err = run_bad(capsys, out_dir, str(tiny_llama), "--targets", "gguf:Q8_0")
+    assert f"{tiny_llama / 'tokenizer.json'} is not valid JSON" in err and "restore it" in err
+
+
+def test_file_size_limit_while_writing(tmp_path, tiny_llama):
+    """A write refused for want of room (here the process's file-size limit, as `ulimit -f` sets it; a full disk
+    gives ENOSPC through the same handler): one line naming the path and the room needed, exit 2, --out as
+    it was. Run in a child: the limit applies to the whole process."""
+    import resource
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("a file of the user's")
+    limit = 256 * 1024  # above everything a run writes before its artifact (the reference's scratch file: 32 KiB)
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-m", "quantkit.cli", "ship", str(tiny_llama), "--targets", "gguf:Q8_0",
+                           "--out", str(out), "--quiet", "--eval-samples", "2", "--seq-len", "32"],
+                          preexec_fn=limited, capture_output=True, text=True, cwd=tmp_path)
+    err = done.stderr.strip()
+    assert done.returncode == 2, err
+    assert err.startswith("error: writing ") and "\n" not in err, err
+    assert "file-size limit" in err and "MiB" in err and str(out) in err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny-llama"]  # no temporary folder left
+
+
+def test_full_disk_message_names_the_path_and_the_room_needed(tmp_path):
+    import errno
+
+    from quantkit.errors import disk_full_error
+
+    out, staging = tmp_path / "out", tmp_path / ".out.quantkit-x"
+    exc = OSError(errno.ENOSPC, "No space left on device", str(staging / "model-Q8_0.gguf"))
+    message = str(disk_full_error(exc, out, staging, 3 * 2**20))
+    assert message.startswith(f"no space left writing {out / 'model-Q8_0.gguf'} (")
+    assert "MiB free there; it needs about 3.0 MiB" in message and "--out" in message

@@ -18,8 +18,8 @@ from quantkit.bench.devices import AdbDevice, SshDevice
 from quantkit.bench.html import pareto_front, write_html
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
-from tests.helpers import runner_and_transformers_greedy
-from tests.runtimes import require, require_program
+from quantkit_testing.helpers import runner_and_transformers_greedy
+from quantkit_testing.runtimes import require, require_program
 
 require("llama_cpp")
 require("onnxruntime")
@@ -190,7 +190,8 @@ def test_pareto_front_is_every_artifact_no_other_beats_on_size_and_speed():
 
 
 def test_html_report_renders_in_chromium_with_every_plot(records, tmp_path):
-    chromium = require_program("chromium", "apt-get install chromium: the report is checked in a real browser")
+    chromium = require_program("chromium", "scripts/install-test-deps.sh installs it: the report is checked in a "
+                                           "real browser")
     page = tmp_path / "bench.html"
     write_html(records, page)
     browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
@@ -213,7 +214,7 @@ def test_html_report_renders_in_chromium_with_every_plot(records, tmp_path):
 @pytest.fixture
 def sshd(tmp_path):
     """An OpenSSH server on 127.0.0.1 that lets this user in with a fresh key; yields (port, key)."""
-    binary = require_program("sshd", "apt-get install openssh-server: the SSH device is tested against it")
+    binary = require_program("sshd", "scripts/install-test-deps.sh installs it: the SSH device is tested against it")
     for name in ("host", "client"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / name)], check=True)
     (tmp_path / "authorized_keys").write_text((tmp_path / "client.pub").read_text())

@@ -164,7 +164,7 @@ def test_hf_gptq_budget_gives_modules_their_own_bits_and_gptqmodel_reads_them(tm
     from quantkit.kernels.quant_linear import load_quantized_model
     from quantkit.model import ModelSource
     from quantkit.targets.hf_checkpoint import hf_logits
-    from tests.helpers import decoded_reference
+    from quantkit_testing.helpers import decoded_reference
 
     result = quantkit.ship(targets=["hf-gptq"], out=tmp_path / "o", method="gptq", max_size="6.2MB", group_size=64,
                            calib_samples=8, eval_samples=2, seq_len=128)

@@ -194,7 +194,7 @@ def slow_model(folder: Path) -> Path:
     """8 blocks, wide enough that a GPTQ block takes a noticeable time on 2 cores."""
     from transformers import LlamaConfig
 
-    from tests.conftest import TINY, save_tiny
+    from quantkit_testing.models import TINY, save_tiny
 
     return save_tiny(folder, LlamaConfig(**{**TINY, "num_hidden_layers": 8, "hidden_size": 256,
                                             "intermediate_size": 1024, "max_position_embeddings": 512}))

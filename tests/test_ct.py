@@ -11,8 +11,9 @@ import quantkit
 from quantkit.errors import QuantkitError
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, quantized_tensor_names
-from quantkit.targets import ExportContext, parse_target
-from tests.runtimes import require
+from quantkit.targets.base import ExportContext
+from quantkit.targets.registry import parse_target
+from quantkit_testing.runtimes import require
 
 require("compressed_tensors")
 

@@ -10,9 +10,10 @@ from quantkit.errors import QuantkitError
 from quantkit.methods import RoundToNearest
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, quantized_tensor_names
-from quantkit.targets import ExportContext, parse_target
+from quantkit.targets.base import ExportContext
 from quantkit.targets.executorch import HEAD_GRID, DynamicActivationQuantLinear, XnnpackGrid, embedding_dtype
-from tests.runtimes import require
+from quantkit.targets.registry import parse_target
+from quantkit_testing.runtimes import require
 
 require("executorch")  # the ExecuTorch runtime checks every .pte
 

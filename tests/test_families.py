@@ -8,7 +8,7 @@ import math
 import pytest
 
 import quantkit
-from tests.runtimes import require
+from quantkit_testing.runtimes import require
 
 require("llama_cpp")
 require("gptqmodel")

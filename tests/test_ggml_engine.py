@@ -8,8 +8,8 @@ import torch
 from quantkit.grids import GGUF_GRIDS, QuantizedWeight
 from quantkit.grids.ggml_lib import engine, quantize_rows, use_engine
 from quantkit.model import ModelSource
-from tests.ggml_reference import ggml_dequantize
-from tests.helpers import edge_weights
+from quantkit_testing.ggml_reference import ggml_dequantize
+from quantkit_testing.helpers import edge_weights
 
 ROUNDED = [name for name, grid in GGUF_GRIDS.items() if grid.costly_search(torch.ones(1))]
 

@@ -14,8 +14,10 @@ from quantkit.data import load_documents
 from quantkit.grids.ggml_lib import use_engine
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe, quantized_tensor_names
-from quantkit.targets import ExportContext, parse_target
-from tests.runtimes import require
+from quantkit.targets.base import ExportContext
+from quantkit.targets.registry import parse_target
+from quantkit_testing.helpers import export
+from quantkit_testing.runtimes import require
 
 llama_cpp = require("llama_cpp")  # the real GGUF runtime
 
@@ -30,15 +32,6 @@ def _source(model_dir) -> ModelSource:
     return ModelSource(model_dir)
 
 
-def export(model_dir, gguf_type: str, path: Path, validate: bool = True, **recipe) -> Path:
-    src = ModelSource(model_dir)
-    r = Recipe(**recipe)
-    ctx = ExportContext(src, r, quantized_tensor_names(src, r), progress=False)
-    target = parse_target(f"gguf:{gguf_type}")
-    if validate:
-        target.validate(ctx)
-    target.export(ctx, path)
-    return path
 
 
 def llama_quantize(src: Path, dst: Path, gguf_type: str, pure: bool = False, overrides: tuple = (),
@@ -352,7 +345,7 @@ def test_rules_for_grouped_kv_heads_and_70b_size_match_llama_cpp(tmp_path):
     from transformers import LlamaConfig
 
     from quantkit.targets.gguf import GGUFTarget
-    from tests.conftest import TINY, save_tiny
+    from quantkit_testing.models import TINY, save_tiny
 
     config = LlamaConfig(**{**TINY, "hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 80,
                             "num_attention_heads": 8, "num_key_value_heads": 1})
@@ -389,7 +382,7 @@ def spm_llama(tmp_path) -> Path:
 
     from transformers import LlamaConfig
 
-    from tests.conftest import TINY, save_tiny
+    from quantkit_testing.models import TINY, save_tiny
 
     config = LlamaConfig(**{**TINY, "vocab_size": 1000, "bos_token_id": 1, "eos_token_id": 2})
     path = save_tiny(tmp_path / "spm-llama", config)

@@ -4,28 +4,10 @@ groups, and damping retries."""
 import pytest
 import torch
 
-from quantkit.calibrate import LinearStats
 from quantkit.grids import GGUF_GRIDS, IntGrid
 from quantkit.methods import RoundToNearest
 from quantkit.methods.gptq import GPTQ, CholeskyRetryWarning, GPTQConfig, gptq_quantize
-
-
-def correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:
-    """Activations with a few strong directions and uneven channel scales, like a real layer's."""
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.randn(8, features, generator=g)
-    x = torch.randn(tokens, 8, generator=g) @ basis + 0.3 * torch.randn(tokens, features, generator=g)
-    return x * torch.linspace(0.2, 3.0, features)
-
-
-def output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
-    return float(((x @ (w - wq).T) ** 2).mean())
-
-
-def stats_of(x: torch.Tensor) -> LinearStats:
-    s = LinearStats(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
-    s.add(x)
-    return s
+from quantkit_testing.helpers import correlated_inputs, output_error, stats_of
 
 
 def code_range(grid) -> tuple[int, int]:

@@ -13,9 +13,9 @@ from quantkit.methods import RoundToNearest
 from quantkit.methods.gptq import GPTQ, GPTQConfig
 from quantkit.model import ModelSource
 from quantkit.pipeline import WeightQuantizer
-from targets.gguf import rope_row_order
-from tests.ggml_reference import ggml_dequantize
-from tests.test_gptq import correlated_inputs, output_error, stats_of
+from quantkit.targets.gguf import rope_row_order
+from quantkit_testing.ggml_reference import ggml_dequantize
+from quantkit_testing.helpers import correlated_inputs, output_error, stats_of
 
 K_QUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 LAYER = 3  # Q4_K_M puts this layer's attn_v and ffn_down in Q6_K, the rest in Q4_K

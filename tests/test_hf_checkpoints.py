@@ -9,8 +9,8 @@ import quantkit
 from quantkit.data import make_samples
 from quantkit.model import ModelSource
 from quantkit.targets.hf_checkpoint import hf_logits
-from tests.helpers import decoded_reference
-from tests.runtimes import require
+from quantkit_testing.helpers import decoded_reference
+from quantkit_testing.runtimes import require
 
 require("gptqmodel")  # transformers' backend for these formats
 

@@ -25,9 +25,9 @@ from quantkit.imatrix import (
 from quantkit.methods import RoundToNearest
 from quantkit.model import ModelSource
 from quantkit.recipe import Recipe
-from tests.ggml_reference import ggml_quantize
-from tests.helpers import edge_weights
-from tests.runtimes import require
+from quantkit_testing.ggml_reference import ggml_quantize
+from quantkit_testing.helpers import edge_weights
+from quantkit_testing.runtimes import require
 
 llama_cpp = require("llama_cpp")  # llama.cpp's quantizer, the reference for the weighted types
 WEIGHTED_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]

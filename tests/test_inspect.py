@@ -3,7 +3,7 @@
 import json
 
 from quantkit.cli import main
-from tests.test_gguf_llama import export
+from quantkit_testing.helpers import export
 
 
 def test_inspect_reports_types_and_bits(tmp_path, capsys):

@@ -1,6 +1,8 @@
 """Triton kernels under TRITON_INTERPRET=1 against their plain-torch references, QuantLinear, and
 quantkit's own runtime for hf-gptq / hf-awq folders."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -127,7 +129,8 @@ def test_dry_run_of_the_gpu_benchmark(capsys):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "benchmarks/kernels.py", "--dry-run", "--json"], check=True,
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"  # wherever pytest runs from
+    out = subprocess.run([sys.executable, str(script), "--dry-run", "--json"], check=True,
                          capture_output=True, text=True).stdout
     plan = json.loads(out)
     assert {(r["K"], r["N"]) for r in plan["rows"]} == {(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)}

@@ -9,7 +9,7 @@ import torch
 
 from quantkit.model import ModelSource
 from quantkit.streaming import BlockStreamer, streamed_logits
-from tests.conftest import TINY_CONFIGS, save_tiny
+from quantkit_testing.models import TINY_CONFIGS, save_tiny
 
 
 @pytest.mark.parametrize("family,options", [("mixtral", {}), ("qwen3_moe", {}),

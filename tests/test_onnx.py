@@ -16,8 +16,8 @@ from quantkit.model import ModelSource
 from quantkit.onnx_decoder import OnnxDecoder, greedy_generate
 from quantkit.recipe import Recipe, quantized_tensor_names
 from quantkit.targets import onnx as onnx_target
-from tests.helpers import decoded_reference
-from tests.runtimes import require
+from quantkit_testing.helpers import decoded_reference
+from quantkit_testing.runtimes import require
 
 require("onnxruntime")  # runs every onnx / ort artifact
 

@@ -10,7 +10,7 @@ import torch
 import quantkit
 from quantkit.data import load_documents
 from quantkit.model import ModelSource
-from tests.runtimes import require
+from quantkit_testing.runtimes import require
 
 og = require("onnxruntime_genai")
 

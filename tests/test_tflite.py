@@ -14,10 +14,10 @@ import quantkit
 from quantkit.errors import QuantkitError
 from quantkit.methods.rtn import RoundToNearest
 from quantkit.model import ModelSource
-from quantkit.targets import parse_target
+from quantkit.targets.registry import parse_target
 from quantkit.targets.tflite import MODEL_FILE, fully_connected_weights, litert_grid, load_runner
-from tests.helpers import runner_and_transformers_greedy
-from tests.runtimes import require, require_installed
+from quantkit_testing.helpers import runner_and_transformers_greedy
+from quantkit_testing.runtimes import require, require_installed
 
 require_installed("litert_torch")  # converts (in a child process of the export)
 require("ai_edge_litert")  # runs

@@ -1,12 +1,17 @@
 """Helpers shared by test modules."""
 
 import json
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from quantkit.calibrate import LinearStats
 from quantkit.model import ModelSource
 from quantkit.packing import awq_dequantize, gptq_dequantize
+from quantkit.recipe import Recipe, quantized_tensor_names
+from quantkit.targets.base import ExportContext
+from quantkit.targets.registry import parse_target
 
 
 def decoded_reference(folder, kind: str):
@@ -62,3 +67,31 @@ def runner_and_transformers_greedy(runner, prompt: list[int], n: int) -> tuple[l
         expected = ModelSource().hf_model().generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
                                                      do_sample=False)[0, len(prompt):].tolist()
     return generated, expected
+
+def export(model_dir, gguf_type: str, path: Path, validate: bool = True, **recipe) -> Path:
+    src = ModelSource(model_dir)
+    r = Recipe(**recipe)
+    ctx = ExportContext(src, r, quantized_tensor_names(src, r), progress=False)
+    target = parse_target(f"gguf:{gguf_type}")
+    if validate:
+        target.validate(ctx)
+    target.export(ctx, path)
+    return path
+
+
+def correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:
+    """Activations with a few strong directions and uneven channel scales, like a real layer's."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(8, features, generator=g)
+    x = torch.randn(tokens, 8, generator=g) @ basis + 0.3 * torch.randn(tokens, features, generator=g)
+    return x * torch.linspace(0.2, 3.0, features)
+
+
+def output_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
+    return float(((x @ (w - wq).T) ** 2).mean())
+
+
+def stats_of(x: torch.Tensor) -> LinearStats:
+    s = LinearStats(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
+    s.add(x)
+    return s

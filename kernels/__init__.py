@@ -1,1 +1,0 @@
-"""quantkit.kernels: Triton kernels beside their torch references (arrives with the kernels issue)."""
