@@ -70,7 +70,10 @@ def silenced() -> Iterator[None]:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile() as sink:
+    # Python-level streams too: where sys.stdout is not descriptor 1 (a notebook, pytest's capture, a caller's
+    # redirect_stdout), a library's print() would otherwise land in the caller's output (--json's stdout)
+    with tempfile.TemporaryFile() as sink, open(os.devnull, "w") as python_sink, \
+            contextlib.redirect_stdout(python_sink), contextlib.redirect_stderr(python_sink):
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
         try:
