@@ -16,7 +16,7 @@ from pathlib import Path
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
-from quantkit.pipeline import DEFAULT_TARGETS
+from quantkit.pipeline import DEFAULT_TARGETS, LOAD_FAILURE
 
 SHIP_EPILOG = """\
 targets:
@@ -526,9 +526,12 @@ def rejection_report(result) -> list[str]:
     """Why each rejected artifact was rejected, what the numbers mean, and what to try."""
     lines = [f"error: {len(result.rejected)} artifact(s) rejected and moved to {result.out_dir}/rejected/:"]
     for a in result.rejected:
-        accuracy = [f for f in a.failures if not f.startswith("tokenizer:")]
+        accuracy = [f for f in a.failures if not f.startswith(("tokenizer:", LOAD_FAILURE))]
         tokenizer = [f for f in a.failures if f.startswith("tokenizer:")]
         name = a.path.removeprefix("rejected/")
+        for failure in (f for f in a.failures if f.startswith(LOAD_FAILURE)):
+            lines.append(f"  {name} does not run in its runtime: {failure.removeprefix(LOAD_FAILURE).strip()}; "
+                         "this is quantkit's fault or the runtime's: please report it")
         if accuracy:
             lines.append(f"  {name} failed its accuracy gate: " + "; ".join(accuracy))
             lines.append("    try: " + "; or ".join(a.remedies) + "; or relax the gate (--max-ppl-increase, "

@@ -12,6 +12,10 @@ class QuantkitError(Exception):
     exit_code = 2
 
 
+class ArtifactLoadError(Exception):
+    """An artifact quantkit wrote that its runtime refuses to open: rejected (exit code 1), never shipped."""
+
+
 class GateFailure(Exception):
     """At least one artifact failed its accuracy gate (exit code 1)."""
 

@@ -25,7 +25,7 @@ from quantkit.cache import BuildCache, CacheHit, folder_sha256, key_of, restore,
 from quantkit.calibrate import LinearStats, collect_statistics_streamed
 from quantkit.checks import gate_for, score
 from quantkit.data import TokenSamples, load_documents, make_samples
-from quantkit.errors import QuantkitError, disk_full_error, is_disk_full
+from quantkit.errors import ArtifactLoadError, QuantkitError, disk_full_error, is_disk_full
 from quantkit.grids import Grid, IntGrid, QuantizedWeight
 from quantkit.imatrix import (
     GGUF_FILENAME,
@@ -570,17 +570,26 @@ def _ship_one(target: Target, ctx: ExportContext, tmp: Path, check: Check | None
     log.event("artifact", target=target.name, phase="exported", seconds=round(t1 - t0, 2))
     bpw = report.bits_per_weight or target.bits_per_weight(ctx.recipe)
     metrics, gate, failures, tokenizer_check = None, None, [], None
-    if check is not None:
+    if check is None:  # --no-verify: no score, but an artifact its runtime cannot open is never shipped
+        log(f"{target.name}: opening it in {target.runtime()['name']} (--no-verify: a load check, no scoring)")
+        reason = target.load_failure(path, ctx.recipe.seq_len)
+        if reason:
+            failures.append(f"{LOAD_FAILURE} {target.runtime()['name']} cannot run {path.name} ({reason})")
+    else:
         log(f"{target.name}: checking in {target.runtime()['name']}")
-        tokenizer_check = target.verify_tokenizer(path, check.tokenizer, check.texts)
-        metrics = score(check.samples.ids, target.logits(path, check.samples.ids, check.progress), check.reference,
-                        check.reference.metrics.perplexity)
-        gate = gate_for(bpw, ctx.recipe.gate_overrides())
-        failures = [f"{text} ({EXPLAINED[text.split()[0]]})" for text in gate.failures(metrics)]
-        if tokenizer_check is not None and not tokenizer_check["match"]:
-            tokenizer_check["allowed"] = ctx.recipe.allow_tokenizer_mismatch
-            if not ctx.recipe.allow_tokenizer_mismatch:
-                failures.append(tokenizer_failure(tokenizer_check, target.runtime()["name"].split(" (")[0]))
+        try:
+            tokenizer_check = target.verify_tokenizer(path, check.tokenizer, check.texts)
+            metrics = score(check.samples.ids, target.logits(path, check.samples.ids, check.progress),
+                            check.reference, check.reference.metrics.perplexity)
+        except ArtifactLoadError as exc:  # a file its runtime refuses: rejected like one that fails its gate
+            failures.append(f"{LOAD_FAILURE} {target.runtime()['name']} cannot run {path.name} ({exc})")
+        else:
+            gate = gate_for(bpw, ctx.recipe.gate_overrides())
+            failures = [f"{text} ({EXPLAINED[text.split()[0]]})" for text in gate.failures(metrics)]
+            if tokenizer_check is not None and not tokenizer_check["match"]:
+                tokenizer_check["allowed"] = ctx.recipe.allow_tokenizer_mismatch
+                if not ctx.recipe.allow_tokenizer_mismatch:
+                    failures.append(tokenizer_failure(tokenizer_check, target.runtime()["name"].split(" (")[0]))
     t2 = time.time()
     relative = Path(target.filename())
     if failures:
@@ -589,7 +598,7 @@ def _ship_one(target: Target, ctx: ExportContext, tmp: Path, check: Check | None
         path.replace(tmp / relative)
         path = tmp / relative
     size, digest = artifact_digest(path)
-    verdict = "unverified" if check is None else "rejected" if failures else "accepted"
+    verdict = "rejected" if failures else "unverified" if check is None else "accepted"
     log.event("artifact", target=target.name, phase="checked", verdict=verdict, path=relative.as_posix(),
               metrics=None if metrics is None else metrics.to_dict(), failures=failures)
     return ArtifactResult(
@@ -618,6 +627,7 @@ EXPLAINED = {
     "top-1": "share of positions whose most likely next token is the unquantized model's",
 }
 TOKENIZER_FAILURE = "tokenizer:"
+LOAD_FAILURE = "load:"
 
 
 def tokenizer_failure(check: dict, runtime: str) -> str:

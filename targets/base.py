@@ -151,6 +151,19 @@ class Target(ABC):
         """Compare the runtime's tokenization with the Hugging Face tokenizer's, if it has one."""
         return None
 
+    def load_failure(self, path: Path, seq_len: int) -> str | None:
+        """Why the artifact does not run in its runtime, or None when it loads and computes the logits of one row
+        of ``seq_len`` tokens (a fixed-length program takes no other). ``--no-verify``'s only check: no
+        reference and no score, but never a file its own runtime cannot open."""
+        rows = self.logits(path, torch.zeros((1, seq_len), dtype=torch.long), progress=False)
+        try:  # the row is read while ``rows`` is alive: some runtimes' rows are views into a session it closes
+            np.asarray(next(iter(rows)))
+        except QuantkitError:
+            raise  # the environment's (a runtime not installed), not the artifact's
+        except Exception as exc:  # whatever the runtime raises for a file it cannot load or run
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}"
+        return None
+
 
 class DynamicActivationTarget(Target):
     """A mobile target whose option fixes the weight layout, with int8 activations quantized at run time:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from quantkit.arch.base import hparam
 from quantkit.budget import BudgetFrame
-from quantkit.errors import QuantkitError
+from quantkit.errors import ArtifactLoadError, QuantkitError
 from quantkit.grids import GGUF_GRIDS, GGUF_TYPES, GGUFBlockGrid, Grid, QuantizedWeight
 from quantkit.llamacpp import without_extra_buffer_types
 from quantkit.model import ROW_CHUNK_BYTES, ModelSource
@@ -40,7 +40,7 @@ from quantkit.targets.gguf_mixes import (
     parse_override,
     resolve,
 )
-from quantkit.targets.gguf_vocab import read_vocab
+from quantkit.targets.gguf_vocab import gguf_model_name, read_vocab, special_vocab
 
 GGMLType = gguf.GGMLQuantizationType
 FLOAT_BITS = {"F32": 32.0, "F16": 16.0, "BF16": 16.0}
@@ -68,6 +68,7 @@ class PlannedTensor:
     rope_heads: int | None = None  # rows are permuted for llama.cpp's rope layout with this many heads
     offset: float = 0.0  # added to the values (Gemma's norms: llama.cpp wants 1 + weight)
     parts: tuple[str, ...] = ()  # HF matrices stacked into this 3-D tensor, one per expert (``hf_name`` is the first)
+    values: tuple[float, ...] = ()  # a tensor the family computes (rope factors): its F32 values, no HF tensor
 
     @property
     def hf_names(self) -> tuple[str, ...]:
@@ -240,7 +241,10 @@ class GGUFTarget(Target):
             return PlannedTensor(name, hf, shape, GGMLType[choice.type], GGUF_GRIDS.get(choice.type), rope_heads,
                                  parts=parts)
 
-        plan = [entry(arch.embedding, "token_embd.weight")]
+        # computed tensors first, where llama.cpp's converter puts them (rope_freqs, rope_factors_long/short)
+        plan = [PlannedTensor(name, "", (len(values),), GGMLType.F32, None, values=tuple(values))
+                for name, values in arch.gguf_extra_tensors(cfg)]
+        plan.append(entry(arch.embedding, "token_embd.weight"))
         for i in range(source.n_layers):
             prefix = arch.block(i)
             for gguf_rel, hf_rels in arch.gguf_block_tensors():
@@ -342,6 +346,9 @@ class GGUFTarget(Target):
     def _tensor_chunks(self, ctx: ExportContext, t: PlannedTensor, grids: GridPlan | None) -> Iterator[np.ndarray]:
         """The tensor's bytes in row chunks, rows in llama.cpp's rope layout where it needs one; a stack of
         experts' matrices is each expert's bytes in turn (llama.cpp quantizes a 3-D tensor matrix by matrix)."""
+        if t.values:
+            yield np.asarray(t.values, dtype=np.float32)
+            return
         if t.parts:
             for part in t.parts:
                 yield from self._tensor_chunks(ctx, replace(t, hf_name=part, shape=t.shape[1:], parts=()), grids)
@@ -367,12 +374,12 @@ class GGUFTarget(Target):
                 yield _float_bytes(rows, t.ggml_type)
 
     def _write_metadata(self, w: gguf.GGUFWriter, source: ModelSource) -> None:
-        w.add_name(source.path.name if not source.is_default else "quantkit-default")
+        vocab = read_vocab(source.path, _tokenizer_config(source.path), _embedding_rows(source))
+        w.add_name(gguf_model_name(source.path.name if not source.is_default else "quantkit-default", vocab))
         w.add_quantized_by("quantkit")
         source.arch.write_gguf_hparams(w, source.config, source.n_layers)
         w.add_file_type(self.file_type.ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        vocab = read_vocab(source.path, _tokenizer_config(source.path), _embedding_rows(source))
         w.add_tokenizer_model(vocab.model)
         w.add_tokenizer_pre(vocab.pre)
         w.add_token_list(vocab.tokens)
@@ -381,15 +388,9 @@ class GGUFTarget(Target):
             w.add_token_merges(vocab.merges)
         if vocab.scores is not None:
             w.add_token_scores(vocab.scores)
-        if vocab.bos_id is not None:
-            w.add_bos_token_id(vocab.bos_id)
-        if vocab.eos_id is not None:
-            w.add_eos_token_id(vocab.eos_id)
-        if vocab.unk_id is not None:
-            w.add_unk_token_id(vocab.unk_id)
+        special_vocab(source.path, vocab).add_to_gguf(w, quiet=True)  # ids, add_bos/eos, the chat template
         if vocab.add_space_prefix is not None:
             w.add_add_space_prefix(vocab.add_space_prefix)
-        w.add_add_bos_token(vocab.add_bos)
 
     # ---- runtime --------------------------------------------------------------------------------
     def _load(self, path: Path, n_ctx: int):
@@ -501,7 +502,8 @@ def load_llama(path: Path, n_ctx: int):
             return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, UBATCH), logits_all=True,
                          verbose=False, n_threads=os.cpu_count() or 1, seed=0)
     except ValueError as exc:
-        raise QuantkitError(f"llama.cpp could not load {path} ({exc}); inspect it with 'quantkit inspect'") from None
+        raise ArtifactLoadError(f"llama.cpp could not load {path.name} ({exc}; its reason is on stderr with "
+                                "--verbose); inspect it with 'quantkit inspect'") from None
 
 
 def _embedding_rows(source: ModelSource) -> int:

@@ -217,3 +217,32 @@ def _adds_bos(spec: dict, config: dict, bos: str | None) -> bool:
         return bool(config["add_bos_token"])
     single = (spec.get("post_processor") or {}).get("single") or [{}]
     return bos is not None and single[0].get("SpecialToken", {}).get("id") == bos
+
+
+def special_vocab(model_dir: Path, vocab: GGUFVocab):
+    """The checkpoint's special tokens as llama.cpp's converter writes them: gguf-py's ``SpecialVocab`` reads
+    tokenizer_config.json, special_tokens_map.json, chat_template.jinja / .json and config.json (bos, eos, unk,
+    sep, pad, ... ids, add_bos / add_eos, the chat template); quantkit's own reading of the vocabulary, which the
+    tokenizer tests check against llama.cpp, decides bos, eos, unk and add_bos where it has an answer."""
+    import gguf
+
+    special = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=len(vocab.tokens))
+    for kind, token_id in (("bos", vocab.bos_id), ("eos", vocab.eos_id), ("unk", vocab.unk_id)):
+        if token_id is not None:
+            special.special_token_ids[kind] = token_id
+    special.add_special_token["bos"] = vocab.add_bos
+    return special
+
+
+# llama.cpp gives these tokens Phi-3's strip rules in any file whose general.name contains "phi3" or "phi-3", and
+# fails to load one whose vocabulary lacks any of them (std::out_of_range at load)
+PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)
+PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def gguf_model_name(name: str, vocab: GGUFVocab) -> str:
+    """``general.name`` for the file: the folder's name, unless llama.cpp's Phi-3 rule would make it unloadable
+    (then "phi3" / "phi-3" become "phi 3")."""
+    if PHI3_NAME.search(name) and not set(PHI3_TOKENS) <= set(vocab.tokens):
+        return PHI3_NAME.sub(lambda m: f"{m.group(0)[:3]} 3", name)
+    return name

@@ -87,10 +87,17 @@ def test_no_verify_exports_without_checking(tmp_path, capsys, monkeypatch):
     from quantkit.targets.gguf import GGUFTarget
 
     def never(*_a, **_k):
-        raise AssertionError("--no-verify must not compute a reference or run the artifact")
+        raise AssertionError("--no-verify must not compute a reference")
+
+    opened = []
+    runtime_logits = GGUFTarget.logits
+
+    def load_check_only(self, path, ids, progress=True):
+        opened.append(tuple(ids.shape))
+        return runtime_logits(self, path, ids, progress)
 
     monkeypatch.setattr(reference.Reference, "__init__", never)
-    monkeypatch.setattr(GGUFTarget, "logits", never)
+    monkeypatch.setattr(GGUFTarget, "logits", load_check_only)
     out = tmp_path / "unchecked"
     assert main(["ship", "--targets", "gguf:Q4_K_M", "--out", str(out), "--no-verify", "--json", "--quiet"]) == 0
     captured = capsys.readouterr()
@@ -100,6 +107,30 @@ def test_no_verify_exports_without_checking(tmp_path, capsys, monkeypatch):
     assert art["verdict"] == "unverified" and art["metrics"] is None and art["gate"] is None
     assert (out / "model-Q4_K_M.gguf").stat().st_size == art["bytes"]
     assert "not checked (--no-verify)" in captured.err
+    assert opened == [(1, 512)]  # opened once in llama.cpp, one row of --seq-len tokens: a load check, no score
+
+
+def test_no_verify_never_ships_a_file_its_runtime_cannot_load(tiny_models, tmp_path, capsys, monkeypatch):
+    """A Phi-3 folder named "...phi3..." with a vocabulary lacking Phi-3's tokens: llama.cpp cannot load a file whose
+    general.name says phi3 (quantkit renames it). With the rename undone, --no-verify's load check rejects it."""
+    import shutil
+
+    from quantkit.targets import gguf as gguf_target
+
+    folder = tmp_path / "tiny-phi3-model"
+    shutil.copytree(tiny_models["phi3"], folder)
+    out = tmp_path / "ok"
+    assert main(["ship", str(folder), "--targets", "gguf:F32", "--out", str(out), "--no-verify", "--quiet"]) == 0
+    from quantkit_testing.helpers import gguf_field
+
+    assert gguf_field(out / "model-F32.gguf", "general.name") == "tiny-phi 3-model"
+
+    monkeypatch.setattr(gguf_target, "gguf_model_name", lambda name, vocab: name)
+    out = tmp_path / "broken"
+    assert main(["ship", str(folder), "--targets", "gguf:F32", "--out", str(out), "--no-verify", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "model-F32.gguf does not run in its runtime: llama.cpp" in err and "cannot run model-F32.gguf" in err
+    assert (out / "rejected" / "model-F32.gguf").is_file() and not (out / "model-F32.gguf").exists()
 
 
 def test_internal_failure_is_one_line_and_a_log(tmp_path, capsys, monkeypatch):

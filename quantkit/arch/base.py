@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from quantkit.arch.rope import Rope, gguf_rope_tensors, rope_of, write_gguf_scaling
 from quantkit.errors import QuantkitError
 
 # Linears of a Llama-style decoder block, in the order the block executes them.
@@ -110,14 +111,6 @@ def hparam(config: dict, key: str, default=None):
     if value is None:
         raise QuantkitError(f"config.json lacks {key!r}; exporting this model needs it")
     return value
-
-
-def rope_theta(config: dict) -> float:
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", None):
-        raise QuantkitError(f"rope type {kind!r} is not supported by the GGUF target yet; only default rope is")
-    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
 @dataclass(frozen=True)
@@ -278,10 +271,25 @@ class Architecture:
         """The family's hyperparameters under llama.cpp's keys (``w`` is a ``gguf.GGUFWriter`` for
         ``gguf_arch``, which prefixes them with the architecture name)."""
         head_dim = self.write_gguf_shape(w, config, n_layers)
-        w.add_rope_dimension_count(head_dim)
-        w.add_rope_freq_base(rope_theta(config))
+        rope = rope_of(config)
+        w.add_rope_dimension_count(rope.rotary_dims(head_dim))
+        w.add_rope_freq_base(rope.theta)
+        write_gguf_scaling(w, rope)
         w.add_vocab_size(hparam(config, "vocab_size"))
         self.write_gguf_experts(w, config)
+
+    def gguf_extra_tensors(self, config: dict) -> list[tuple[str, list[float]]]:
+        """F32 tensors a GGUF file of this family carries beyond the checkpoint's (rope scaling factors), named
+        and computed as llama.cpp's converter writes them."""
+        return gguf_rope_tensors(rope_of(config), self.head_dim(config))
+
+    @staticmethod
+    def head_dim(config: dict) -> int:
+        return config.get("head_dim") or hparam(config, "hidden_size") // hparam(config, "num_attention_heads")
+
+    @staticmethod
+    def rope(config: dict) -> Rope:
+        return rope_of(config)
 
     def write_gguf_experts(self, w, config: dict) -> None:
         if self.experts is None:
@@ -295,7 +303,7 @@ class Architecture:
         """Sizes every family writes alike: context, widths, layers, heads, RMSNorm epsilon; returns head_dim."""
         n_head = hparam(config, "num_attention_heads")
         hidden = hparam(config, "hidden_size")
-        head_dim = config.get("head_dim") or hidden // n_head
+        head_dim = self.head_dim(config)
         w.add_context_length(hparam(config, "max_position_embeddings"))
         w.add_embedding_length(hidden)
         w.add_block_count(n_layers)
@@ -309,7 +317,7 @@ class Architecture:
 
     def check_gguf(self, config: dict) -> None:
         """Fail before any work when config.json lacks what the GGUF file needs."""
-        rope_theta(config)
+        self.gguf_extra_tensors(config)  # a rope variant llama.cpp cannot express, or factors that do not fit
         for key in ("num_attention_heads", "hidden_size", "max_position_embeddings", "intermediate_size",
                     "rms_norm_eps", "vocab_size"):
             hparam(config, key)

@@ -7,8 +7,8 @@ GGUF (llama.cpp's ``gemma2`` / ``gemma3``): every norm is stored as 1 + weight (
 converter writes), tensor names ``post_attention_norm`` / ``post_ffw_norm`` for the extra norms, NEOX rope (no
 row permute); llama.cpp scales embeddings and queries itself (queries by 1/sqrt(head_dim), so
 ``query_pre_attn_scalar`` must equal ``head_dim``, as in the 2B-12B checkpoints) and fixes the layer
-pattern (Gemma 2: every other layer sliding, Gemma 3: five sliding then one global, sliding layers on rope
-base 10000).
+pattern (Gemma 2: every other layer sliding, Gemma 3: five sliding then one global; its sliding layers' rope
+base is ``rope.freq_base_swa``, its global layers' linear scaling of the 4B+ checkpoints the scaling keys).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from quantkit.arch.base import LLAMA_GGUF_NAMES, Architecture, FoldPoint, hparam
+from quantkit.arch.rope import rope_of, write_gguf_scaling
 from quantkit.errors import QuantkitError
 
 GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -28,7 +29,6 @@ GEMMA_FOLDS = (
     FoldPoint("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
     FoldPoint("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
 )
-SLIDING_ROPE_BASE = 10000.0  # llama.cpp's fixed rope base of Gemma 3's sliding layers
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,11 @@ class Gemma(Architecture):
     def write_gguf_hparams(self, w, config: dict, n_layers: int) -> None:
         self.check_gguf(config)  # Gemma's head_dim is explicit (checked there), never hidden / heads
         self.write_gguf_shape(w, config, n_layers)
-        w.add_rope_freq_base(_global_rope_base(config))
+        rope = rope_of(config)
+        w.add_rope_freq_base(rope.theta)
+        write_gguf_scaling(w, rope)  # Gemma 3 4B+: linear, global layers only, as in transformers
+        if rope.sliding_theta is not None:
+            w.add_rope_freq_base_swa(rope.sliding_theta)
         if config.get("sliding_window"):
             w.add_sliding_window(int(config["sliding_window"]))
         if config.get("attn_logit_softcapping"):
@@ -52,27 +56,6 @@ class Gemma(Architecture):
             raise QuantkitError(f"{self.name}: query_pre_attn_scalar {scalar} differs from head_dim {head_dim}; "
                                 "llama.cpp scales queries by 1/sqrt(head_dim) for this size, so the GGUF would "
                                 "compute another model")
-        _global_rope_base(config)
-
-
-def _rope_params(config: dict) -> dict:
-    return config.get("rope_parameters") or config.get("rope_scaling") or {}
-
-
-def _global_rope_base(config: dict) -> float:
-    """The rope base of the global layers (Gemma 3's rope parameters come per layer type)."""
-    rope = _rope_params(config)
-    per_type = rope if "full_attention" in rope else {"full_attention": rope}
-    for layer_type, params in per_type.items():
-        kind = (params or {}).get("rope_type", "default")
-        if kind != "default":
-            raise QuantkitError(f"rope type {kind!r} ({layer_type}) is not supported by the GGUF target yet")
-    sliding = per_type.get("sliding_attention")
-    if sliding and float(sliding.get("rope_theta", SLIDING_ROPE_BASE)) != SLIDING_ROPE_BASE:
-        raise QuantkitError(f"sliding layers use rope base {sliding['rope_theta']}; llama.cpp fixes it at "
-                            f"{SLIDING_ROPE_BASE:g} for Gemma 3")
-    full = per_type.get("full_attention") or {}
-    return float(full.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
 def _gemma(name: str, hf_class: str, **fields) -> Gemma:

@@ -95,3 +95,10 @@ def stats_of(x: torch.Tensor) -> LinearStats:
     s = LinearStats(torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
     s.add(x)
     return s
+
+
+def gguf_field(path: Path, key: str):
+    """One metadata value of a GGUF file, as gguf-py reads it."""
+    import gguf
+
+    return gguf.GGUFReader(path).fields[key].contents()
