@@ -35,3 +35,12 @@ def tiny_llama(tiny_models, tmp_path) -> Path:
     shutil.copytree(tiny_models["llama"], dest)
     return dest
 
+
+@pytest.fixture(scope="session")
+def default_ship(tmp_path_factory):
+    """The embedded model shipped once to every registered target with no option and every recipe default
+    (--seq-len 512 included), only the evaluation cut to one row: the tests of defaults share it."""
+    import quantkit
+    from quantkit.targets.registry import TARGETS
+
+    return quantkit.ship(targets=list(TARGETS), out=tmp_path_factory.mktemp("defaults") / "out", eval_samples=1)
