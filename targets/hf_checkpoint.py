@@ -27,7 +27,7 @@ from quantkit.targets.base import ExportContext, ExportReport, Target
 WEIGHTS = "model.safetensors"
 MAX_SHARD_BYTES = 4 * 2**30  # shard size the HF ecosystem commonly uses
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                "generation_config.json", "chat_template.jinja")
+                "generation_config.json", "chat_template.jinja", "chat_template.json")
 
 
 def unsigned_codes_and_zeros(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:

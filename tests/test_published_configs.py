@@ -159,3 +159,20 @@ def test_a_rope_variant_llama_cpp_cannot_express_is_refused_by_name(published, t
     with pytest.raises(QuantkitError, match="rope type 'dynamic' cannot be expressed by the GGUF target"):
         quantkit.ship(folder, targets=["gguf:Q8_0"], out=tmp_path / "out", verify=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_onnx_genai_folder_renders_the_checkpoints_chat_template(published, tmp_path):
+    """The onnx-genai folder carries the tokenizer files with the template: onnxruntime-genai's own tokenizer
+    renders the conversation exactly as transformers does (Llama 3.2's config: its llama3 rope is expressible)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    og = require("onnxruntime_genai")
+    folder = published["llama-3.2-1b-instruct"]
+    result = quantkit.ship(folder, targets=["onnx-genai"], out=tmp_path / "out", group_size=32, verify=False)
+    model = og.Model(str(result.out_dir / result.artifacts[0].path))
+    rendered = og.Tokenizer(model).apply_chat_template(json.dumps(CONVERSATION), add_generation_prompt=True)
+    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(CONVERSATION, add_generation_prompt=True,
+                                                                          tokenize=False)
+    assert rendered == expected and "<|assistant|>" in rendered
