@@ -25,8 +25,8 @@ def require(module: str) -> ModuleType:
     except ImportError as exc:
         if os.environ.get(OPT_IN) == "1":
             pytest.skip(f"{module} is not installed ({OPT_IN}=1)", allow_module_level=True)
-        raise ImportError(f"{module} is required by the tests (pip install -e '.[llama,hf,kernels,onnx,executorch,"
-                          f"litert,bench,ray,dev]'); set {OPT_IN}=1 to skip its tests locally") from exc
+        raise ImportError(f"{module} is required by the tests (pip install --require-hashes -r locks/all.txt, as "
+                          f"README's first command does); set {OPT_IN}=1 to skip its tests locally") from exc
 
 
 def require_installed(module: str) -> None:
