@@ -142,7 +142,9 @@ def test_chat_completion_in_llama_cpp_follows_the_checkpoints_template(shipped, 
         reply = llm.create_chat_completion(messages=CONVERSATION, temperature=0.0, max_tokens=n_new)
     finally:
         llm.close()
-    assert expected.strip() and reply["choices"][0]["message"]["content"] == expected
+    # eight tokens generated, not an immediate end of text (random weights may well pick whitespace tokens)
+    assert len(generated) == n_new and expected
+    assert reply["choices"][0]["message"]["content"] == expected
 
 
 def test_a_rope_variant_llama_cpp_cannot_express_is_refused_by_name(published, tmp_path):
