@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from quantkit.arch.rope import Rope, gguf_rope_tensors, rope_of, write_gguf_scaling
+from quantkit.arch.rope import gguf_rope_tensors, rope_of, write_gguf_scaling
 from quantkit.errors import QuantkitError
 
 # Linears of a Llama-style decoder block, in the order the block executes them.
@@ -286,10 +286,6 @@ class Architecture:
     @staticmethod
     def head_dim(config: dict) -> int:
         return config.get("head_dim") or hparam(config, "hidden_size") // hparam(config, "num_attention_heads")
-
-    @staticmethod
-    def rope(config: dict) -> Rope:
-        return rope_of(config)
 
     def write_gguf_experts(self, w, config: dict) -> None:
         if self.experts is None:

@@ -32,9 +32,6 @@ class Rope:
     def rotary_dims(self, head_dim: int) -> int:
         return int(head_dim * self.partial)
 
-    def factor(self) -> float:
-        return float(self.params.get("factor", 1.0))
-
 
 def rope_of(config: dict, target: str = "GGUF") -> Rope:
     """The checkpoint's rope, or a QuantkitError naming a variant ``target`` cannot express."""
