@@ -27,13 +27,18 @@ DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 # How libraries that are not Python spell those errors (safetensors' Rust io errors, C++ writers): strerror text
-DISK_FULL_WORDS = (*(os.strerror(n) for n in sorted(DISK_ERRNOS)), "StorageFull", "FileTooLarge")
+RUST_IO_KINDS = {errno.ENOSPC: "StorageFull", errno.EDQUOT: "QuotaExceeded", errno.EFBIG: "FileTooLarge"}
+
+
+def _says(exc: BaseException, errnos: frozenset[int]) -> bool:
+    """Whether ``exc`` is one of ``errnos``: by its errno, or, from a native writer, by its words."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in errnos
+    return any(word in str(exc) for n in errnos for word in (os.strerror(n), RUST_IO_KINDS[n]))
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return exc.errno in DISK_ERRNOS
-    return any(word in str(exc) for word in DISK_FULL_WORDS)
+    return _says(exc, DISK_ERRNOS)
 
 
 def disk_full_error(exc: BaseException, out: Path, staging: Path, needed_bytes: int | None) -> QuantkitError:
@@ -43,8 +48,7 @@ def disk_full_error(exc: BaseException, out: Path, staging: Path, needed_bytes: 
     if where.is_relative_to(staging):
         where = out / where.relative_to(staging)
     need = f"about {_mib(needed_bytes)} for this run's artifacts" if needed_bytes else "room for this run's artifacts"
-    if getattr(exc, "errno", None) == errno.EFBIG or any(w in str(exc) for w in (os.strerror(errno.EFBIG),
-                                                                               "FileTooLarge")):
+    if _says(exc, frozenset({errno.EFBIG})):
         return QuantkitError(f"writing {where} hit this process's file-size limit (ulimit -f); it needs {need}: "
                              "raise the limit (ulimit -f unlimited) and run again")
     free = shutil.disk_usage(_existing_parent(where)).free

@@ -574,7 +574,7 @@ def _ship_one(target: Target, ctx: ExportContext, tmp: Path, check: Check | None
         log(f"{target.name}: opening it in {target.runtime()['name']} (--no-verify: a load check, no scoring)")
         reason = target.load_failure(path, ctx.recipe.seq_len)
         if reason:
-            failures.append(f"{LOAD_FAILURE} {target.runtime()['name']} cannot run {path.name} ({reason})")
+            failures.append(load_failure_text(target, path, reason))
     else:
         log(f"{target.name}: checking in {target.runtime()['name']}")
         try:
@@ -582,7 +582,7 @@ def _ship_one(target: Target, ctx: ExportContext, tmp: Path, check: Check | None
             metrics = score(check.samples.ids, target.logits(path, check.samples.ids, check.progress),
                             check.reference, check.reference.metrics.perplexity)
         except ArtifactLoadError as exc:  # a file its runtime refuses: rejected like one that fails its gate
-            failures.append(f"{LOAD_FAILURE} {target.runtime()['name']} cannot run {path.name} ({exc})")
+            failures.append(load_failure_text(target, path, str(exc)))
         else:
             gate = gate_for(bpw, ctx.recipe.gate_overrides())
             failures = [f"{text} ({EXPLAINED[text.split()[0]]})" for text in gate.failures(metrics)]
@@ -628,6 +628,10 @@ EXPLAINED = {
 }
 TOKENIZER_FAILURE = "tokenizer:"
 LOAD_FAILURE = "load:"
+
+
+def load_failure_text(target: Target, path: Path, reason: str) -> str:
+    return f"{LOAD_FAILURE} {target.runtime()['name']} cannot run {path.name} ({reason})"
 
 
 def tokenizer_failure(check: dict, runtime: str) -> str:
