@@ -34,8 +34,11 @@ targets:
   onnx[:fp32|fp16]  ONNX decoder with KV cache (optimum / onnxruntime-genai input and output names);
               quantized linears are com.microsoft MatMulNBits holding quantkit's integers (2/4/8 bit,
               group size a power of two >= 16, or -1). Checked in onnxruntime (pip install '.[onnx]').
-  onnx-genai[:fp32|fp16]  the same decoder as an onnxruntime-genai model folder (genai_config.json):
-              apps generate with og.Model / og.Generator. Checked in onnxruntime-genai itself.
+  onnx-genai[:int8|fp32]  onnxruntime-genai model folder built by onnxruntime-genai's own model builder
+              over quantkit's integers (4/8 bit, group-wise; checked equal to quantkit's after the build):
+              apps generate with og.Model / og.Generator. int8 (default): int8 activations inside
+              MatMulNBits, the builder's CPU default; fp32: fp32 activations. Llama, Mistral, Qwen2/3,
+              Gemma 2/3, Phi-3. Checked in onnxruntime-genai itself (pip install '.[onnx]').
   ort[:fp32|fp16]   the same decoder in ORT format for mobile / reduced builds, with its
               required_operators.config. Checked by loading model.ort in onnxruntime.
   executorch[:8da4w|8da8w|fp32]  ExecuTorch folder (model.pte + tokenizer) lowered to XNNPACK: int4

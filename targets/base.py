@@ -151,11 +151,15 @@ class Target(ABC):
         """Compare the runtime's tokenization with the Hugging Face tokenizer's, if it has one."""
         return None
 
+    def load_check_row(self, path: Path, seq_len: int) -> torch.Tensor:
+        """The row ``load_failure`` runs: token 0, ``seq_len`` times."""
+        return torch.zeros((1, seq_len), dtype=torch.long)
+
     def load_failure(self, path: Path, seq_len: int) -> str | None:
         """Why the artifact does not run in its runtime, or None when it loads and computes the logits of one row
         of ``seq_len`` tokens (a fixed-length program takes no other). ``--no-verify``'s only check: no
         reference and no score, but never a file its own runtime cannot open."""
-        rows = self.logits(path, torch.zeros((1, seq_len), dtype=torch.long), progress=False)
+        rows = self.logits(path, self.load_check_row(path, seq_len), progress=False)
         try:  # the row is read while ``rows`` is alive: some runtimes' rows are views into a session it closes
             np.asarray(next(iter(rows)))
         except QuantkitError:

@@ -42,6 +42,24 @@ def gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
 
 
+def gptq_config(ctx: ExportContext, grid: IntGrid) -> dict:
+    """config.json's quantization_config of a GPTQ v1 checkpoint on ``grid``."""
+    recipe = ctx.recipe
+    return {
+        "quant_method": "gptq",
+        "bits": grid.bits,
+        "group_size": grid.group_size,
+        "desc_act": recipe.gptq_g_idx,
+        "sym": grid.symmetric,
+        "damp_percent": recipe.damp_percent,
+        "true_sequential": True,
+        "static_groups": recipe.method == "gptq" and (recipe.act_order == "static" or recipe.static_groups),
+        "checkpoint_format": "gptq",
+        "pack_dtype": "int32",
+        "lm_head": ctx.source.arch.lm_head in ctx.quantized_names,
+    }
+
+
 class HFGPTQTarget(HFCheckpointTarget):
     kind = "hf-gptq"
     takes_budget = True
@@ -92,20 +110,7 @@ class HFGPTQTarget(HFCheckpointTarget):
         plan, budget, notes = None, None, ()
         if ctx.recipe.budgeted:
             plan, budget, notes = self._budgeted(ctx, grid, path)
-        config = {
-            "quant_method": "gptq",
-            "bits": grid.bits,
-            "group_size": grid.group_size,
-            "desc_act": ctx.recipe.gptq_g_idx,
-            "sym": grid.symmetric,
-            "damp_percent": ctx.recipe.damp_percent,
-            "true_sequential": True,
-            "static_groups": ctx.recipe.method == "gptq" and (ctx.recipe.act_order == "static"
-                                                              or ctx.recipe.static_groups),
-            "checkpoint_format": "gptq",
-            "pack_dtype": "int32",
-            "lm_head": ctx.source.arch.lm_head in ctx.quantized_names,
-        }
+        config = gptq_config(ctx, grid)
         if plan is not None and plan.overrides:
             config["dynamic"] = hf_gptq_budget.dynamic_config(plan, ctx.source.arch.checkpoint_name)
         report = write_quantized_checkpoint(ctx, path, grid, gptq_tensors, config,

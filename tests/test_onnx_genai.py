@@ -1,5 +1,6 @@
-"""The onnx-genai folder in onnxruntime-genai itself: its generator's greedy tokens against transformers',
-its tokenizer against tokenizer.json, and the accuracy gate on the logits it computes."""
+"""The onnx-genai folder (onnxruntime-genai's model builder over quantkit's integers) in onnxruntime-genai itself:
+its generator's greedy tokens against transformers', its tokenizer against tokenizer.json, the accuracy gate on the
+logits it computes, and the builder's stored weights against quantkit's."""
 
 import json
 
@@ -18,9 +19,13 @@ og = require("onnxruntime_genai")
 @pytest.fixture(scope="module")
 def genai_8bit(tmp_path_factory):
     out = tmp_path_factory.mktemp("genai") / "o"
-    result = quantkit.ship(None, targets=["onnx-genai"], out=out, bits=8, group_size=32, eval_samples=2,
-                           seq_len=128, progress=False)
+    result = quantkit.ship(None, targets=["onnx-genai:fp32", "onnx-genai"], out=out, bits=8, group_size=32,
+                           eval_samples=2, seq_len=128, progress=False)
     return result
+
+
+def folder_of(result, target: str):
+    return result.out_dir / next(a for a in result.artifacts if a.target == target).path
 
 
 def greedy_genai(folder, prompt: list[int], new_tokens: int) -> list[int]:
@@ -43,12 +48,15 @@ def greedy_transformers(prompt: list[int], new_tokens: int) -> list[int]:
 
 
 def test_genai_folder_passes_its_gate_with_its_own_tokenizer(genai_8bit):
-    art = genai_8bit.artifacts[0]
-    assert genai_8bit.ok and art.runtime["name"] == "onnxruntime-genai"
-    assert art.tokenizer_check["match"] and art.tokenizer_check["tokens"] > 1000
-    # 8-bit weights: the next-token distributions stay within 1e-3 nats of the unquantized model's
-    assert art.metrics["kld"] < 1e-3
-    config = json.loads((genai_8bit.out_dir / art.path / "genai_config.json").read_text())
+    assert genai_8bit.ok
+    fp32, int8 = genai_8bit.artifacts
+    for art in (fp32, int8):
+        assert art.runtime["name"] == "onnxruntime-genai"
+        assert art.tokenizer_check["match"] and art.tokenizer_check["tokens"] > 1000
+    # 8-bit weights: the next-token distributions stay within 1e-3 nats of the unquantized model's, with fp32
+    # activations and with int8 ones inside MatMulNBits (the default, whose rounding adds ~1e-4 here)
+    assert fp32.metrics["kld"] < 1e-3 and int8.metrics["kld"] < 1e-3
+    config = json.loads((genai_8bit.out_dir / fp32.path / "genai_config.json").read_text())
     decoder = config["model"]["decoder"]
     assert (config["model"]["type"], decoder["num_hidden_layers"], decoder["filename"]) == ("llama", 4, "model.onnx")
 
@@ -58,7 +66,7 @@ def test_genai_generates_transformers_greedy_tokens(genai_8bit):
     tokens on the unquantized model: 8-bit weights change no argmax along the way on this prompt."""
     tokenizer = ModelSource(None).tokenizer()
     prompt = tokenizer.encode(load_documents("builtin", "eval")[0][:400], add_special_tokens=False)[:48]
-    got = greedy_genai(genai_8bit.out_dir / genai_8bit.artifacts[0].path, prompt, 32)
+    got = greedy_genai(folder_of(genai_8bit, "onnx-genai:fp32"), prompt, 32)
     assert got == greedy_transformers(prompt, 32)
 
 
@@ -66,7 +74,7 @@ def test_bench_runner_decodes_transformers_greedy_tokens(genai_8bit):
     """quantkit bench's onnxruntime-genai runner (prefill, then one token per step through genai's KV cache)."""
     from quantkit.bench.runners import OnnxGenaiRunner, runtime_for
 
-    folder = genai_8bit.out_dir / genai_8bit.artifacts[0].path
+    folder = folder_of(genai_8bit, "onnx-genai:fp32")
     assert runtime_for(folder) == "onnxruntime-genai"
     tokenizer = ModelSource(None).tokenizer()
     prompt = tokenizer.encode(load_documents("builtin", "eval")[1][:400], add_special_tokens=False)[:40]
@@ -75,3 +83,29 @@ def test_bench_runner_decodes_transformers_greedy_tokens(genai_8bit):
     for _ in range(15):
         tokens.append(runner.step(tokens[-1]))
     assert tokens == greedy_transformers(prompt, 16)
+
+
+def test_weights_the_builder_did_not_keep_are_caught(genai_8bit, tmp_path):
+    """The check behind the export's "equal to quantkit's" note: one code byte or one scale changed in the folder
+    is named by layer and part (the export then keeps no folder)."""
+    import shutil
+
+    from quantkit.errors import QuantkitError
+    from quantkit.targets.onnx_genai import OnnxGenaiTarget, OnnxModelReader, digest_builders
+
+    folder = tmp_path / "copy"
+    shutil.copytree(folder_of(genai_8bit, "onnx-genai:fp32"), folder)
+    reader = OnnxModelReader(folder)
+    kept = digest_builders(reader)
+    nodes = {name: inputs for name, _, inputs in reader.matmul_nbits()}
+    qweight, scales = nodes["/model/layers.2/mlp/down_proj/MatMulNBits"][1:3]
+    codes = reader.array(qweight).copy()
+    codes.flat[0] ^= 0x01
+    reader.overwrite(qweight, codes)
+    with pytest.raises(QuantkitError, match="other codes than quantkit's in layer 2"):
+        OnnxGenaiTarget._check_weights(kept, digest_builders(OnnxModelReader(folder)))
+    codes.flat[0] ^= 0x01
+    reader.overwrite(qweight, codes)
+    reader.overwrite(scales, reader.array(scales) * 1.001)
+    with pytest.raises(QuantkitError, match="other scales than quantkit's in layer 2"):
+        OnnxGenaiTarget._check_weights(kept, digest_builders(OnnxModelReader(folder)))

@@ -155,8 +155,6 @@ class Architecture:
     # llama.cpp calls an 80-layer model "70B" (which its quantizer rules read) only with grouped KV heads for
     # some families (llama: 80 layers and n_kv == n_head is its 65B), for others at any head count (qwen2).
     size_70b_needs_gqa: bool = True
-    # onnxruntime-genai's model type (genai_config.json "type"); None: the onnx-genai target refuses the family
-    genai_type: str | None = None
     # a mixture-of-experts MLP in place of the dense one (``linears`` then lists attention's only until
     # ``bind`` adds each expert's, whose count the config gives)
     experts: Experts | None = None

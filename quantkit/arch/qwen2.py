@@ -6,7 +6,6 @@ QWEN2 = Architecture(
     name="qwen2",
     hf_class="Qwen2ForCausalLM",
     gguf_arch="qwen2",
-    genai_type="qwen2",
     rope_permute=False,
     biased_linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     size_70b_needs_gqa=False,

@@ -8,7 +8,6 @@ QWEN3 = Architecture(
     name="qwen3",
     hf_class="Qwen3ForCausalLM",
     gguf_arch="qwen3",
-    genai_type="qwen3",
     rope_permute=False,
     qk_norms=("self_attn.q_norm", "self_attn.k_norm"),
     gguf_block_names={**LLAMA_GGUF_NAMES, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},

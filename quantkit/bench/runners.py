@@ -175,7 +175,9 @@ class OnnxGenaiRunner(Runner):
             self.model = og.Model(config)
         except Exception as exc:  # onnxruntime-genai raises its own error types
             raise RunnerError(f"onnxruntime-genai could not load {folder} ({str(exc).splitlines()[0]})") from None
-        self._og, self.n_ctx, self.generator = og, n_ctx, None
+        from quantkit.targets.onnx_genai import generator_length
+
+        self._og, self.n_ctx, self.generator = og, generator_length(folder, n_ctx), None
         self._vocab = int(json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"])
 
     @property

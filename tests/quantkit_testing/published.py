@@ -60,13 +60,14 @@ PUBLISHED = {
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
     # microsoft/Phi-4-mini-instruct: longrope (long/short factors over a 4096 original context), partial rotary
-    # factor 0.75, tied, GQA 3:1, no sliding window
+    # factor 0.75, tied, GQA 3:1, no sliding window; head_dim 64 (128 there) keeps the rotary width (48) one that
+    # onnxruntime's GroupQueryAttention takes (half of it a multiple of 8)
     "phi-4-mini-instruct": lambda: Phi3Config(
-        **SMALL, hidden_size=192, num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=131072,
+        **SMALL, hidden_size=384, num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=131072,
         original_max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=True, sliding_window=None,
         partial_rotary_factor=0.75, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-        rope_scaling={"rope_type": "longrope", "long_factor": _longrope_factors(12, 40.0),
-                      "short_factor": _longrope_factors(12, 1.1), "rope_theta": 10000.0,
+        rope_scaling={"rope_type": "longrope", "long_factor": _longrope_factors(24, 40.0),
+                      "short_factor": _longrope_factors(24, 1.1), "rope_theta": 10000.0,
                       "original_max_position_embeddings": 4096}),
     # mistralai/Mistral-7B-Instruct-v0.3: theta 1e6, no sliding window, untied, GQA 4:1
     "mistral-7b-instruct-v0.3": lambda: MistralConfig(
