@@ -263,6 +263,10 @@ class OnnxGenaiTarget(Target):
             problem = block_size_problem(grid.group_size, ctx.source.tensors[name].shape[1])
             if problem:
                 raise QuantkitError(f"{self.kind}: {problem} for {name}; use --group-size 32, 64 or 128")
+        window, context = config.get("sliding_window"), int(config.get("max_position_embeddings") or 0)
+        if window and context and int(window) > context:
+            raise QuantkitError(f"{self.kind}: sliding_window {window} is longer than the model's context "
+                                f"({context}); onnxruntime-genai's KV buffer must hold a whole window")
         rotary = rope_of(config, self.kind).rotary_dims(arch.head_dim(config))
         if (rotary // 2) % ROTARY_HALF_MULTIPLE:
             raise QuantkitError(f"{self.kind}: onnxruntime's GroupQueryAttention rotates a multiple of "

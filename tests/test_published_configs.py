@@ -180,7 +180,13 @@ def test_onnx_genai_folder_renders_the_checkpoints_chat_template(published, tmp_
     assert rendered == expected and "<|assistant|>" in rendered
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
+# one config per mechanism the builder must get right (each of the seven passes; four keep the suite short):
+# llama3 rope at base 500000, q/k/v biases, longrope with a partial rotary width and fused linears, Gemma 3's
+# two rope bases with linear scaling on the global layers only
+GENAI_CHECKED = ("llama-3.2-1b-instruct", "qwen2.5-0.5b-instruct", "phi-4-mini-instruct", "gemma-3-4b-it")
+
+
+@pytest.mark.parametrize("name", GENAI_CHECKED)
 def test_onnx_genai_computes_what_transformers_computes_from_the_same_integers(published, tmp_path, name):
     """onnxruntime-genai's model builder over quantkit's 8-bit integers, run in onnxruntime-genai, scores as
     transformers scores quantkit's GPTQ checkpoint of the same integers: each family's rope (llama3, linear on
