@@ -25,8 +25,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_models import environment, prose, timed  # noqa: E402
+# python puts this script's folder first on sys.path, where benchmarks/kernels.py would shadow the installed
+# ``kernels`` package that transformers imports
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+
+def _real_models():
+    """benchmarks/real_models.py by path: putting benchmarks/ on sys.path would let benchmarks/kernels.py shadow
+    the installed ``kernels`` package transformers imports."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_models", Path(__file__).resolve().parent / "real_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+environment, prose, timed = (getattr(_real_models(), n) for n in ("environment", "prose", "timed"))
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -65,7 +81,8 @@ def bench(folder: Path, work: Path) -> dict:
     jsonl = work / f"{folder.name}.jsonl"
     subprocess.run([*QUANTKIT, "bench", str(folder), *WORKLOAD, "--json", str(jsonl)], check=True,
                    capture_output=True)
-    m = json.loads(jsonl.read_text().splitlines()[0])["metrics"]
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    m = next(r for r in records if r["type"] == "measurement")["metrics"]
     return {"prefill_tok_s": m["prefill_tok_s"]["median"], "decode_tok_s": m["decode_tok_s"]["median"]}
 
 
