@@ -40,7 +40,7 @@ from quantkit.targets.base import ExportContext, ExportReport, Target
 from quantkit.targets.gguf import first_difference
 from quantkit.targets.hf_checkpoint import unsigned_codes_and_zeros, write_quantized_checkpoint
 from quantkit.targets.hf_gptq import gptq_config, gptq_tensors
-from quantkit.targets.onnx_graph import block_size_problem, pack_codes
+from quantkit.targets.onnx_graph import block_size_problem, to_matmul_nbits
 
 CONFIG_FILE = "genai_config.json"
 MODEL_FILE = "model.onnx"
@@ -100,11 +100,9 @@ def digest_ours(ctx: ExportContext, grid: IntGrid) -> WeightDigest:
         for name in (n for n in names if n in quantized):
             qw = ctx.quantize(name, grid)
             codes, zeros = unsigned_codes_and_zeros(qw)
-            rows, cols = qw.shape
-            groups = qw.params.scale.shape[1]
-            packed = pack_codes(codes.numpy(), grid.bits).reshape(rows, groups, cols // groups * grid.bits // 8)
-            scales = qw.params.scale[..., 0].expand(rows, -1).to(torch.float16).float().numpy()
-            digest.add(key, packed, scales, zeros.expand(rows, -1).numpy().astype(np.uint8))
+            stored = to_matmul_nbits(qw, (codes, zeros), grid.group_size, np.float16)
+            zeros = zeros.expand(qw.shape[0], -1).numpy().astype(np.uint8)
+            digest.add(key, stored.packed, stored.scales.astype(np.float32), zeros)
     return digest
 
 
@@ -139,6 +137,7 @@ class OnnxModelReader:
 
     def overwrite(self, name: str, values: np.ndarray) -> None:
         """Replace an initializer's values with ones of the same shape and dtype, in place."""
+        import onnx
         from onnx import helper, numpy_helper
 
         tensor = self.initializers[name]
@@ -147,8 +146,6 @@ class OnnxModelReader:
             raise QuantkitError(f"onnx-genai: {name} is {list(tensor.dims)}, not {list(values.shape)}")
         if not tensor.external_data:
             tensor.CopyFrom(numpy_helper.from_array(values, name))
-            import onnx
-
             onnx.save_model(self.model, str(self.folder / MODEL_FILE))
             return
         where = {entry.key: entry.value for entry in tensor.external_data}
